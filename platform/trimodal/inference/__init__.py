@@ -1,0 +1,1 @@
+"""Inference: prompt building, KV-cache generation, streaming. No Ray Serve here."""

@@ -1,0 +1,1 @@
+"""Model components: vision tower, projector, language model, speech. Pure torch/transformers/peft, no Ray."""

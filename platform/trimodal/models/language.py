@@ -1,0 +1,96 @@
+"""The causal language model and its tokenizer: any Hugging Face causal LM, a packaged one, or a tiny random one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM,
+                          PreTrainedModel, PreTrainedTokenizerFast)
+
+from trimodal.config import LanguageModelConfig, QuantConfig, TinyLMShape
+from trimodal.sources import resolve_source
+
+# ChatML, as SmolLM2 and Qwen use; for tokenizers that ship no chat template (e.g. Phi-2 uses its own below).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Phi-2's documented QA format ("Instruct: ...\nOutput: ..."), each answer closed by EOS.
+INSTRUCT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ 'Instruct: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'Output: ' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'Output:' }}{% endif %}"
+)
+TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<file_sep>"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (256 bytes + 4 specials) built in-process, with a ChatML template."""
+    byte_vocab = {ch: i + len(TINY_SPECIALS) for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)} | byte_vocab
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(TINY_SPECIALS)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   bos_token="<|im_start|>")
+    fast.chat_template = CHATML_TEMPLATE
+    return fast
+
+
+def build_random_lm(shape: TinyLMShape, vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
+    """A tiny random Llama, reproducible from `seed`."""
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
+                         num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
+                         intermediate_size=shape.intermediate_size, max_position_embeddings=1024,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                         initializer_range=0.2)  # wide init: a random model that does not repeat one token
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(state)
+    return model
+
+
+def _ensure_chat_template(tokenizer) -> None:
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = INSTRUCT_TEMPLATE
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def bnb_config(quant: QuantConfig) -> BitsAndBytesConfig:
+    """bitsandbytes 4-bit config (NF4 QLoRA); works on CPU with bitsandbytes >= 0.48."""
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant,
+                              bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype])
+
+
+def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = None,
+                        device: str | torch.device = "cpu",
+                        cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
+    """Load (model, tokenizer) for `cfg`; `quant` with load_in_4bit loads the weights in 4 bit."""
+    if cfg.source.kind == "random":
+        tokenizer = build_tiny_tokenizer()
+        model = build_random_lm(cfg.random_shape, len(tokenizer)).to(DTYPES[cfg.dtype])
+        return model.to(device), tokenizer
+    path = resolve_source(cfg.source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _ensure_chat_template(tokenizer)
+    kwargs = {"dtype": DTYPES[cfg.dtype], "use_safetensors": True}
+    if quant is not None and quant.load_in_4bit:
+        kwargs["quantization_config"] = bnb_config(quant)
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if "device_map" not in kwargs:
+        model = model.to(device)
+    return model, tokenizer
+
+
+def image_end_id(cfg: LanguageModelConfig, tokenizer) -> int:
+    """The end-of-image marker token id (configured, else EOS)."""
+    return cfg.image_end_token_id if cfg.image_end_token_id is not None else tokenizer.eos_token_id

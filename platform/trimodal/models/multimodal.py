@@ -1,0 +1,56 @@
+"""The multimodal LM: projected image features merged into the LM's input embeddings with one masked scatter."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from trimodal.models.chat import IMAGE_TOKEN_ID
+from trimodal.models.projector import Projector
+
+
+class FeatureCountError(ValueError):
+    """Image placeholders and image features disagree."""
+
+
+def merge_image_embeds(token_embeds: torch.Tensor, input_ids: torch.Tensor,
+                       image_embeds: torch.Tensor | None) -> torch.Tensor:
+    """Write `image_embeds` [n_images, N, H] into the IMAGE_TOKEN_ID positions of `token_embeds` [B, T, H]."""
+    mask = input_ids == IMAGE_TOKEN_ID  # [B, T]
+    n_positions = int(mask.sum())
+    n_features = 0 if image_embeds is None else image_embeds.shape[0] * image_embeds.shape[1]
+    if n_positions != n_features:
+        n_images = 0 if image_embeds is None else image_embeds.shape[0]
+        raise FeatureCountError(f"image placeholders and features differ: {n_positions} placeholder positions, "
+                                f"{n_features} feature vectors ({n_images} images)")
+    if n_positions == 0:
+        return token_embeds
+    flat = image_embeds.reshape(-1, image_embeds.shape[-1]).to(token_embeds.dtype)  # [n, N, H] -> [n*N, H]
+    return token_embeds.masked_scatter(mask.unsqueeze(-1).expand_as(token_embeds), flat)
+
+
+class MultimodalLM(nn.Module):
+    """LM + projector. Image features arrive precomputed (CLIP patch features [n_images, N, vision_dim])."""
+
+    def __init__(self, lm: nn.Module, projector: Projector):
+        super().__init__()
+        self.lm = lm
+        self.projector = projector
+
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """CLIP features [n, N, Dv] -> LM-space embeddings [n, N, H]."""
+        param = next(self.projector.parameters())
+        return self.projector(features.to(param.device, param.dtype))
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
+        """Token ids with image placeholders + projected images -> inputs_embeds [B, T, H]."""
+        table = self.lm.get_input_embeddings()
+        token_embeds = table(input_ids.clamp(min=0))  # placeholders look up id 0, then get overwritten
+        return merge_image_embeds(token_embeds, input_ids, image_embeds)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
+                labels: torch.Tensor | None = None):
+        """Training/eval forward; `labels` use IGNORE_INDEX for positions without loss."""
+        image_embeds = None if image_features is None else self.project(image_features)
+        inputs_embeds = self.embed(input_ids, image_embeds)
+        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)

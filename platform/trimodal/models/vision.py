@@ -1,0 +1,131 @@
+"""The frozen CLIP vision tower: patch features with the CLS position dropped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
+
+from trimodal.config import TinyCLIPShape, VisionConfig
+from trimodal.sources import SourceError, resolve_source
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def tiny_clip_config(shape: TinyCLIPShape, image_size: int, vocab_size: int = 512) -> CLIPConfig:
+    """A small CLIPConfig: the stage-0 model and the untrained fallback share it."""
+    vision = CLIPVisionConfig(hidden_size=shape.hidden_size, intermediate_size=4 * shape.hidden_size,
+                              num_hidden_layers=shape.num_layers, num_attention_heads=shape.num_heads,
+                              image_size=image_size, patch_size=shape.patch_size,
+                              projection_dim=shape.projection_dim)
+    text = CLIPTextConfig(hidden_size=shape.text_hidden_size, intermediate_size=4 * shape.text_hidden_size,
+                          num_hidden_layers=shape.text_num_layers, num_attention_heads=shape.num_heads,
+                          vocab_size=vocab_size, max_position_embeddings=32, projection_dim=shape.projection_dim,
+                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                      projection_dim=shape.projection_dim)
+
+
+def build_random_clip(shape: TinyCLIPShape, image_size: int, vocab_size: int = 512) -> CLIPModel:
+    """A seeded, randomly initialised CLIPModel (both towers)."""
+    state = torch.random.get_rng_state()
+    torch.manual_seed(shape.seed)
+    model = CLIPModel(tiny_clip_config(shape, image_size, vocab_size))
+    torch.random.set_rng_state(state)
+    return model
+
+
+def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
+    """CLIP preprocessing: RGB, shortest side to `size` (bicubic), centre crop, normalise. -> [B, 3, size, size]."""
+    arrays = [_resize_crop(img.convert("RGB"), size) for img in images]
+    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    if (new_w, new_h) != (w, h):
+        img = img.resize((new_w, new_h), Image.BICUBIC)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass
+class TowerInfo:
+    """What a vision tower is, for manifests, run configs and `/v1/models`."""
+
+    model_id: str
+    """Hub name, directory, or 'random(seed=N)'."""
+    untrained: bool
+    """True for a randomly initialised tower (stage 0 has not run)."""
+    num_patches: int
+    """Patch positions per image (CLS dropped)."""
+    hidden_size: int
+    """Feature width."""
+    image_size: int
+    """Input resolution."""
+
+
+class VisionTower(nn.Module):
+    """Frozen CLIPVisionModel returning patch features last_hidden_state[:, 1:, :]."""
+
+    def __init__(self, model: CLIPVisionModel, info: TowerInfo):
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.info = info
+
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        dtype = next(self.model.parameters()).dtype
+        hidden = self.model(pixel_values=pixel_values.to(dtype)).last_hidden_state
+        return hidden[:, 1:, :]  # [B, 1 + N, D] -> [B, N, D]: drop CLS
+
+    def encode_images(self, images: list[Image.Image]) -> torch.Tensor:
+        """PIL images -> patch features [B, N, D] on the tower's device."""
+        device = next(self.model.parameters()).device
+        return self(preprocess_images(images, self.info.image_size).to(device))
+
+
+def _wrap(model: CLIPVisionModel, model_id: str, untrained: bool) -> VisionTower:
+    cfg = model.config
+    info = TowerInfo(model_id=model_id, untrained=untrained, num_patches=(cfg.image_size // cfg.patch_size) ** 2,
+                     hidden_size=cfg.hidden_size, image_size=cfg.image_size)
+    return VisionTower(model, info)
+
+
+def random_vision_tower(cfg: VisionConfig) -> VisionTower:
+    """The seeded random tower: used by the `test` preset and before stage 0 has run."""
+    clip = build_random_clip(cfg.random_shape, cfg.image_size)
+    vision = CLIPVisionModel(clip.config.vision_config)
+    vision.load_state_dict(clip.vision_model.state_dict())
+    return _wrap(vision, f"random(seed={cfg.random_shape.seed}) UNTRAINED", untrained=True)
+
+
+def load_vision_tower(cfg: VisionConfig, directory: str | Path | None = None,
+                      device: str | torch.device = "cpu", cache_dir: Path | None = None) -> VisionTower:
+    """Load the tower named by `directory` (a CLIPVisionModel or CLIPModel dir) or by the config's source.
+
+    With `fallback_to_random` and a missing path, returns the seeded random tower marked UNTRAINED.
+    """
+    if directory is None and cfg.source.kind == "random":
+        return random_vision_tower(cfg).to(device)
+    if directory is None and cfg.source.kind == "path" and not Path(cfg.source.name).exists():
+        if not cfg.fallback_to_random:
+            raise SourceError(f"vision tower {cfg.source.name} does not exist (run stage 0: jobs/train_clip.py)")
+        return random_vision_tower(cfg).to(device)
+    path = Path(directory) if directory is not None else resolve_source(cfg.source, cache_dir)
+    if not (path / "config.json").exists():
+        raise SourceError(f"{path} is not a CLIP model directory (no config.json)")
+    model = CLIPVisionModel.from_pretrained(path, use_safetensors=True)
+    name = str(directory) if directory is not None else cfg.source.name
+    return _wrap(model, name, untrained=False).to(device)
