@@ -118,8 +118,6 @@ def image_from_url(url: Any, limits: MediaLimits, param: str,
 
 
 def _audio_part(part: dict, param: str, limits: MediaLimits) -> np.ndarray:
-    from trimodal.models.speech import AudioError, decode_audio
-
     audio = part.get("input_audio")
     if not isinstance(audio, dict):
         raise RequestError("input_audio must be an object with data and format", param)
@@ -127,6 +125,8 @@ def _audio_part(part: dict, param: str, limits: MediaLimits) -> np.ndarray:
     if fmt not in AUDIO_FORMATS:
         raise RequestError(f"input_audio.format {fmt!r} is not one of {', '.join(AUDIO_FORMATS)}", param)
     raw = decode_base64(audio.get("data"), f"{param}.data")
+    from trimodal.models.speech import AudioError, decode_audio
+
     try:
         return decode_audio(raw, max_seconds=limits.max_audio_seconds)
     except AudioError as exc:

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny in-process models from the `test` preset (no downloads), and marker handling."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def require_binary(name: str, package: str | None = None) -> str:
+    """Skip the calling test with a message naming the Debian package when a program is missing."""
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"needs `{name}` (Debian package {package or name}: apt-get install {package or name})")
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_cfg():
+    from trimodal.config import load_config
+
+    return load_config("test")
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(test_cfg):
+    """(lm, tokenizer) of the test preset: a random 2-layer Llama and a byte-level tokenizer."""
+    from trimodal.models.language import load_language_model
+
+    lm, tok = load_language_model(test_cfg.model.language_model)
+    return lm.eval(), tok

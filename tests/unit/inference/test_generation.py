@@ -1,0 +1,103 @@
+import torch
+
+from trimodal.inference.engine import Prompt, TextGenerator
+from trimodal.inference.generation import SamplingParams, TextTracker, decode_steps, greedy_without_cache
+from trimodal.models.chat import Turn
+
+
+def _prompts(gen: TextGenerator, questions):
+    return [Prompt(gen.encode([Turn("user", q)], 0), None) for q in questions]
+
+
+def _tokens(gen, prompts, params):
+    out = [[] for _ in prompts]
+    for step in decode_steps(gen.lm, [gen.embed(p) for p in prompts], params, gen.eos_ids):
+        for row, tok in step.tokens:
+            if tok >= 0:
+                out[row].append(tok)
+    return out
+
+
+def test_kv_cache_greedy_equals_full_reforward(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    for prompt in _prompts(gen, ["What is the capital of France?", "x"]):
+        cached = _tokens(gen, [prompt], [SamplingParams(max_tokens=24)])[0]
+        reference = greedy_without_cache(lm, gen.embed(prompt), 24, gen.eos_ids)
+        assert len(cached) > 0
+        assert cached == reference
+
+
+def test_batched_left_padded_generation_equals_one_by_one(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    prompts = _prompts(gen, ["short", "a much longer question about shapes and colours", "medium length"])
+    params = [SamplingParams(max_tokens=n) for n in (16, 9, 12)]
+    batched = _tokens(gen, prompts, params)
+    single = [_tokens(gen, [p], [s])[0] for p, s in zip(prompts, params)]
+    assert batched == single
+    assert all(len(b) > 0 for b in batched)
+
+
+def test_max_tokens_finish_reason_and_stream_matches_generate(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    prompts = _prompts(gen, ["one", "two"])
+    params = [SamplingParams(max_tokens=5), SamplingParams(max_tokens=7)]
+    done = gen.generate(prompts, params)
+    assert [c.completion_tokens for c in done] == [5, 7]
+    assert {c.finish_reason for c in done} == {"length"}
+    streamed = ["", ""]
+    for delta in gen.stream(prompts, params):
+        streamed[delta.row] += delta.text
+    assert streamed == [c.text for c in done]
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    prompt = _prompts(gen, ["sample me"])
+    hot = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=7)
+    a = _tokens(gen, prompt, [hot])[0]
+    b = _tokens(gen, prompt, [hot])[0]
+    c = _tokens(gen, prompt, [SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=8)])[0]
+    assert a == b and a != c
+
+
+def test_top_p_tiny_keeps_only_the_argmax(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    prompt = _prompts(gen, ["nucleus"])
+    greedy = _tokens(gen, prompt, [SamplingParams(max_tokens=10)])[0]
+    nucleus = _tokens(gen, prompt, [SamplingParams(max_tokens=10, temperature=1.0, top_p=1e-6, seed=1)])[0]
+    assert nucleus == greedy
+
+
+class _CharTok:
+    """Decodes ids as characters: enough to test the text tracker."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+def test_stop_strings_cut_the_text_and_are_held_back_while_streaming():
+    tracker = TextTracker(_CharTok(), stop=["END"])
+    shown = "".join(tracker.add(ord(c)) for c in "hello EN")
+    assert shown == "hello "  # "EN" might start "END": held back
+    assert tracker.add(ord("D")) == "" and tracker.stopped
+    assert tracker.text == "hello "
+    other = TextTracker(_CharTok(), stop=["END"])
+    shown = "".join(other.add(ord(c)) for c in "ENx")
+    assert shown + other.finish() == "ENx" and not other.stopped
+
+
+def test_stop_string_ends_generation_early(tiny_lm):
+    lm, tok = tiny_lm
+    gen = TextGenerator(lm, tok, image_end_id=3)
+    prompt = _prompts(gen, ["stop test"])
+    full = gen.generate(prompt, [SamplingParams(max_tokens=20)])[0]
+    stop = full.text[3:5]
+    cut = gen.generate(prompt, [SamplingParams(max_tokens=20, stop=(stop,))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.find(stop)]
+    assert cut.completion_tokens < full.completion_tokens

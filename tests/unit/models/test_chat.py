@@ -1,0 +1,75 @@
+import pytest
+import torch
+
+from trimodal.models.chat import IGNORE_INDEX, IMAGE_MARKER, IMAGE_TOKEN_ID, Turn, encode_conversation
+from trimodal.models.multimodal import FeatureCountError, MultimodalLM, merge_image_embeds
+from trimodal.models.projector import build_projector
+
+
+def _targets(tok, enc):
+    return [t for t, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+
+
+def test_only_answer_tokens_and_eos_are_targets(tiny_lm):
+    _, tok = tiny_lm
+    turns = [Turn("user", IMAGE_MARKER + "What color is the circle?"), Turn("assistant", "The circle is red.")]
+    enc = encode_conversation(tok, turns, num_patches=4, image_end_id=3)
+    answer = tok("The circle is red.", add_special_tokens=False)["input_ids"]
+    assert _targets(tok, enc) == answer + [tok.eos_token_id]
+    assert enc.input_ids.count(IMAGE_TOKEN_ID) == 4 and enc.num_images == 1
+    # the image is followed by the end-of-image marker, and the question is not a target
+    first = enc.input_ids.index(IMAGE_TOKEN_ID)
+    assert enc.input_ids[first + 4] == 3
+    assert all(lab == IGNORE_INDEX for lab in enc.labels[: first + 5])
+
+
+def test_multi_turn_keeps_history_and_targets_every_answer(tiny_lm):
+    _, tok = tiny_lm
+    turns = [Turn("user", IMAGE_MARKER + "How many shapes are there?"), Turn("assistant", "There is one shape."),
+             Turn("user", "What shape is the red object?"), Turn("assistant", "It is a circle.")]
+    enc = encode_conversation(tok, turns, num_patches=2, image_end_id=3)
+    ans = [tok(a, add_special_tokens=False)["input_ids"] for a in ("There is one shape.", "It is a circle.")]
+    assert _targets(tok, enc) == ans[0] + [tok.eos_token_id] + ans[1] + [tok.eos_token_id]
+    text = tok.decode([t for t in enc.input_ids if t >= 0])
+    assert "How many shapes" in text and "What shape is the red object?" in text  # history kept
+
+
+def test_generation_prompt_has_no_targets_and_ends_with_assistant_header(tiny_lm):
+    _, tok = tiny_lm
+    enc = encode_conversation(tok, [Turn("user", "hi")], 0, 3, add_generation_prompt=True)
+    assert set(enc.labels) == {IGNORE_INDEX}
+    assert tok.decode(enc.input_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_max_length_truncates_but_never_cuts_an_image(tiny_lm):
+    _, tok = tiny_lm
+    turns = [Turn("user", IMAGE_MARKER + "q"), Turn("assistant", "a long answer " * 5)]
+    enc = encode_conversation(tok, turns, 4, 3, max_length=30)
+    assert len(enc.input_ids) == len(enc.labels) == 30
+    with pytest.raises(ValueError, match="would cut an image"):
+        encode_conversation(tok, turns, 40, 3, max_length=30)
+
+
+def test_placeholder_feature_mismatch_raises_clear_error(tiny_lm):
+    lm, tok = tiny_lm
+    model = MultimodalLM(lm, build_projector(8, lm.config.hidden_size))
+    turns = [Turn("user", IMAGE_MARKER + IMAGE_MARKER + "compare"), Turn("assistant", "same")]
+    enc = encode_conversation(tok, turns, num_patches=3, image_end_id=3)
+    ids = torch.tensor([enc.input_ids])
+    labels = torch.tensor([enc.labels])
+    mask = torch.ones_like(ids)
+    out = model(ids, mask, torch.randn(2, 3, 8), labels)  # two images: matches
+    assert torch.isfinite(out.loss)
+    with pytest.raises(FeatureCountError, match="6 placeholder positions, 3 feature vectors \\(1 images\\)"):
+        model(ids, mask, torch.randn(1, 3, 8), labels)
+    with pytest.raises(FeatureCountError, match="0 feature vectors"):
+        merge_image_embeds(torch.zeros(1, ids.shape[1], 4), ids, None)
+
+
+def test_image_features_land_exactly_at_placeholders(tiny_lm):
+    _, tok = tiny_lm
+    ids = torch.tensor([[5, IMAGE_TOKEN_ID, IMAGE_TOKEN_ID, 3, 7]])
+    embeds = torch.zeros(1, 5, 4)
+    images = torch.arange(8.0).view(1, 2, 4)
+    merged = merge_image_embeds(embeds, ids, images)
+    assert torch.equal(merged[0, 1:3], images[0]) and merged[0, [0, 3, 4]].abs().sum() == 0

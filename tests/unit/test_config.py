@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trimodal.config import ConfigError, config_from_dict, load_config, preset_names, save_config
+
+
+def test_every_shipped_preset_parses_and_validates():
+    names = preset_names()
+    assert {"phi2", "cpu", "test"} <= set(names)
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name
+
+
+def test_phi2_preset_is_the_seed_recipe():
+    cfg = load_config("phi2")
+    assert cfg.model.language_model.source.name == "microsoft/phi-2"
+    assert cfg.model.language_model.image_end_token_id == 23893
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (64, 16, 0.1)
+    assert cfg.lora.target_modules == ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"]
+    assert cfg.quant.quant_type == "nf4" and cfg.stage1.batch_size == 2 and cfg.stage2.batch_size == 4
+    assert cfg.stage1.accelerator_type == "A100-40G"
+
+
+def test_bad_value_names_field_and_allowed_values():
+    with pytest.raises(ConfigError, match=r"model\.language_model\.dtype: 'fp8' is not one of float32, bfloat16"):
+        load_config("cpu", ["model.language_model.dtype=fp8"])
+    with pytest.raises(ConfigError, match=r"model\.vision\.source\.kind: 'ftp' is not one of hub, path"):
+        load_config("test", {"model.vision.source.kind": "ftp"})
+    with pytest.raises(ConfigError, match=r"stage1\.steps: 0 is out of range"):
+        load_config("test", ["stage1.steps=0"])
+
+
+def test_wrong_type_and_unknown_field():
+    with pytest.raises(ConfigError, match=r"stage2\.batch_size: expected a whole number"):
+        load_config("test", ["stage2.batch_size=2.5"])
+    with pytest.raises(ConfigError, match=r"stage2\.bogus: unknown field \(allowed: steps, batch_size"):
+        load_config("test", ["stage2.bogus=1"])
+    with pytest.raises(ConfigError, match="expected true or false"):
+        load_config("test", ["model.vision.fallback_to_random=maybe"])
+
+
+def test_unknown_preset_lists_the_shipped_ones():
+    with pytest.raises(ConfigError, match="'nope' is not one of cpu, phi2, test"):
+        load_config("nope")
+
+
+def test_overrides_and_load_by_path_round_trip(tmp_path: Path):
+    cfg = load_config("cpu", ["stage1.steps=7", "serving.port=9001"])
+    assert cfg.stage1.steps == 7 and cfg.serving.port == 9001
+    path = tmp_path / "mine.yaml"
+    save_config(cfg, path)
+    again = load_config(path)
+    assert again == cfg
+    assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
+
+
+def test_every_field_has_a_docstring():
+    import ast
+    import inspect
+
+    import trimodal.config as config_module
+
+    tree = ast.parse(inspect.getsource(config_module))
+    for cls in [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name != "ConfigError"]:
+        body = cls.body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.AnnAssign):
+                nxt = body[i + 1] if i + 1 < len(body) else None
+                documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                assert documented, f"{cls.name}.{node.target.id} has no one-line docstring"
