@@ -21,8 +21,9 @@ def main(argv: list[str] | None = None) -> None:
         summary = write_shapes_dataset(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
     except ValueError as e:
         parser.error(str(e))
-    print(f"[make_shapes] {summary.out_dir}: {summary.n_train} train + {summary.n_val} val images (seed {summary.seed}), "
-          f"{summary.n_captions} captions, {summary.n_conversations} conversations, {summary.n_questions} questions")
+    print(f"[make_shapes] {summary.out_dir}: {summary.n_train} train + {summary.n_val} val images "
+          f"(seed {summary.seed}), {summary.n_captions} captions, {summary.n_conversations} conversations, "
+          f"{summary.n_questions} questions")
     print(f"[make_shapes] images written {summary.images_written}, unchanged "
           f"{summary.n_train + summary.n_val - summary.images_written}, stale removed {summary.images_removed}")
     for path in summary.files:

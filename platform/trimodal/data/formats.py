@@ -168,7 +168,8 @@ def _coco_annotations(path: Path, entries: list[Any], images: dict[int, CocoImag
             id=_field(path, where, entry, "id", "id"),
         )
         if caption.image_id not in images:
-            raise AnnotationError(f"{path}: {where}: caption {caption.id} refers to unknown image id {caption.image_id}")
+            raise AnnotationError(
+                f"{path}: {where}: caption {caption.id} refers to unknown image id {caption.image_id}")
         if caption.id in captions:
             if captions[caption.id] != caption:
                 raise AnnotationError(f"{path}: {where}: annotation id {caption.id} is listed twice with different "

@@ -28,7 +28,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -94,7 +95,7 @@ class ShapeObject:
 
     def bbox(self) -> list[int]:
         """COCO-style [x, y, width, height] of the drawn pixels."""
-        xs, ys = zip(*self.vertices())
+        xs, ys = zip(*self.vertices(), strict=True)
         return [min(xs), min(ys), max(xs) - min(xs) + 1, max(ys) - min(ys) + 1]
 
     def phrase(self) -> str:
@@ -226,8 +227,10 @@ def _place(rng: np.random.Generator, kinds: list[tuple[str, str]]) -> tuple[Shap
     """Sizes and positions by rejection sampling until the bounding circles keep GAP px apart."""
     for _ in range(10_000):
         radii = [int(r) for r in rng.integers(MIN_RADIUS, MAX_RADIUS, size=len(kinds), endpoint=True)]
-        centers = [rng.integers(r + EDGE_MARGIN, IMAGE_SIZE - 1 - r - EDGE_MARGIN, size=2, endpoint=True) for r in radii]
-        objects = [ShapeObject(c, s, int(xy[0]), int(xy[1]), r) for (c, s), xy, r in zip(kinds, centers, radii)]
+        low, high = (EDGE_MARGIN + r for r in radii), (IMAGE_SIZE - 1 - EDGE_MARGIN - r for r in radii)
+        centers = [rng.integers(lo, hi, size=2, endpoint=True) for lo, hi in zip(low, high, strict=True)]
+        objects = [ShapeObject(c, s, int(xy[0]), int(xy[1]), r)
+                   for (c, s), xy, r in zip(kinds, centers, radii, strict=True)]
         if all(apart(a, b) for i, a in enumerate(objects) for b in objects[i + 1 :]):
             return tuple(sorted(objects, key=lambda o: (o.cx, o.cy)))
     raise RuntimeError(f"could not place {len(kinds)} shapes without overlap")  # pragma: no cover
@@ -281,7 +284,7 @@ def _group_questions(rng: np.random.Generator, questions: list[Question]) -> tup
     sizes = options[int(rng.integers(len(options)))]
     order = [questions[int(i)] for i in rng.permutation(n)]
     starts = np.cumsum([0, *sizes])
-    return tuple(tuple(order[s:e]) for s, e in zip(starts[:-1], starts[1:]))
+    return tuple(tuple(order[s:e]) for s, e in zip(starts[:-1], starts[1:], strict=True))
 
 
 def render(sample: ShapeSample) -> Image.Image:

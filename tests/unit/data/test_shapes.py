@@ -1,0 +1,221 @@
+"""The synthetic shapes set: determinism, layout, geometry, coverage, and answers consistent with the meta file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from trimodal.data.formats import (
+    index_by_file_name,
+    read_coco_captions,
+    read_llava_instruct,
+    resolve_llava_image,
+)
+from trimodal.data.shapes import (
+    COLORS,
+    EDGE_MARGIN,
+    IMAGE_SIZE,
+    SHAPES,
+    VAL_ID_OFFSET,
+    apart,
+    caption_for,
+    encode_png,
+    parse_answer,
+    read_shapes_meta,
+    render,
+    sample_image,
+    write_shapes_dataset,
+)
+
+N_TRAIN, N_VAL = 24, 8
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(out, N_TRAIN, N_VAL, seed=0)
+    return out
+
+
+def test_same_seed_same_bytes(dataset: Path, tmp_path: Path) -> None:
+    summary = write_shapes_dataset(tmp_path / "again", N_TRAIN, N_VAL, seed=0)
+    assert summary.images_written == N_TRAIN + N_VAL
+    assert _hashes(tmp_path / "again") == _hashes(dataset)
+    before = _hashes(tmp_path / "again")
+    rerun = write_shapes_dataset(tmp_path / "again", N_TRAIN, N_VAL, seed=0)
+    assert rerun.images_written == 0 and rerun.images_removed == 0
+    assert _hashes(tmp_path / "again") == before
+
+
+def test_different_seed_different_images(dataset: Path, tmp_path: Path) -> None:
+    write_shapes_dataset(tmp_path, N_TRAIN, N_VAL, seed=1)
+    ours, theirs = _hashes(dataset), _hashes(tmp_path)
+    assert ours.keys() == theirs.keys()
+    differing = [k for k in ours if k.endswith(".png") and ours[k] != theirs[k]]
+    assert len(differing) == N_TRAIN + N_VAL
+
+
+def test_image_k_does_not_depend_on_n(dataset: Path, tmp_path: Path) -> None:
+    write_shapes_dataset(tmp_path, 5, 2, seed=0)
+    small, big = _hashes(tmp_path), _hashes(dataset)
+    for name in small:
+        if name.endswith(".png"):
+            assert small[name] == big[name], name
+    assert sample_image(0, "val", 3) == sample_image(0, "val", 3)
+    assert sample_image(0, "train", 3) != sample_image(0, "val", 3)
+
+
+def test_rerun_with_fewer_images_removes_stale_files(tmp_path: Path) -> None:
+    write_shapes_dataset(tmp_path, 6, 3, seed=0)
+    summary = write_shapes_dataset(tmp_path, 4, 1, seed=0)
+    assert summary.images_removed == 4
+    assert len(list((tmp_path / "train2017").iterdir())) == 4
+    assert len(list((tmp_path / "val2017").iterdir())) == 1
+
+
+def test_layout_and_counts(dataset: Path) -> None:
+    for split, n, first_id in (("train", N_TRAIN, 1), ("val", N_VAL, VAL_ID_OFFSET + 1)):
+        pngs = sorted((dataset / f"{split}2017").iterdir())
+        assert len(pngs) == n
+        assert all(re.fullmatch(r"\d{12}\.png", p.name) for p in pngs)
+        with Image.open(pngs[0]) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "RGB", (IMAGE_SIZE, IMAGE_SIZE))
+        images, captions = read_coco_captions(dataset / "annotations" / f"captions_{split}2017.json")
+        assert sorted(images) == list(range(first_id, first_id + n))
+        assert {im.file_name for im in images.values()} == {p.name for p in pngs}
+        per_image = Counter(c.image_id for c in captions)
+        assert set(per_image.values()) == {3}
+        llava = dataset / ("llava_instruct.json" if split == "train" else "llava_instruct_val.json")
+        by_name = index_by_file_name(images)
+        conversations = read_llava_instruct(llava)
+        assert all(resolve_llava_image(c.image, by_name) is not None for c in conversations)
+        assert {c.image for c in conversations} == {p.name for p in pngs}
+        assert len({c.id for c in conversations}) == len(conversations)
+    assert sorted(p.name for p in dataset.iterdir()) == [
+        "annotations", "llava_instruct.json", "llava_instruct_val.json", "shapes_meta.json", "train2017", "val2017"]
+
+
+def test_shapes_are_apart_inside_and_drawn_in_their_colour() -> None:
+    for index in range(150):
+        sample = sample_image(7, "train", index)
+        assert len(sample.objects) in (1, 2)
+        assert min(sample.background) >= 200
+        if len(sample.objects) == 2:
+            a, b = sample.objects
+            assert apart(a, b)
+            assert a.color != b.color
+        pixels = render(sample).load()
+        for obj in sample.objects:
+            x, y, w, h = obj.bbox()
+            assert x >= EDGE_MARGIN and y >= EDGE_MARGIN
+            assert x + w <= IMAGE_SIZE - EDGE_MARGIN and y + h <= IMAGE_SIZE - EDGE_MARGIN
+            assert pixels[obj.cx, obj.cy] == COLORS[obj.color]
+
+
+def test_all_colour_shape_pairs_are_covered() -> None:
+    samples = [sample_image(0, "train", i) for i in range(200)]
+    pairs = Counter((o.color, o.shape) for s in samples for o in s.objects)
+    assert set(pairs) == {(c, s) for c in COLORS for s in SHAPES}
+    counts = Counter(len(s.objects) for s in samples)
+    assert counts[1] > 50 and counts[2] > 50
+    assert any(s.objects[0].shape == s.objects[1].shape for s in samples if len(s.objects) == 2)
+
+
+def test_captions() -> None:
+    sample = next(s for s in (sample_image(0, "train", i) for i in range(50)) if len(s.objects) == 2)
+    canonical = caption_for(sample.objects)
+    assert sample.captions[0] == canonical
+    assert re.fullmatch(r"an? \w+ \w+ and an? \w+ \w+", canonical)
+    assert len(set(sample.captions)) == 3
+    orange = [s for s in (sample_image(0, "train", i) for i in range(60)) if s.objects[0].color == "orange"]
+    assert orange and orange[0].captions[0].startswith("an orange ")
+
+
+def _applicable_types(objects: list[dict]) -> Counter:
+    shapes, colors = Counter(o["shape"] for o in objects), Counter(o["color"] for o in objects)
+    return Counter(
+        {"color": sum(shapes[o["shape"]] == 1 for o in objects),
+         "shape": sum(colors[o["color"]] == 1 for o in objects), "count": 1, "describe": 1})
+
+
+def test_questions_match_meta_and_conversations(dataset: Path) -> None:
+    meta = json.loads((dataset / "shapes_meta.json").read_text())
+    conversations = {c.id: c for name in ("llava_instruct.json", "llava_instruct_val.json")
+                     for c in read_llava_instruct(dataset / name)}
+    raw = {e["id"]: e for e in json.loads((dataset / "llava_instruct.json").read_text())}
+    for entry in raw.values():
+        values = [m["value"] for m in entry["conversations"]]
+        assert values[0].startswith("<image>\n") and not any("<image>" in v for v in values[1:])
+        assert 2 <= len(values) // 2 <= 4
+    assert len(meta["images"]) == N_TRAIN + N_VAL
+    for image in meta["images"]:
+        objects = image["objects"]
+        questions = image["questions"]
+        assert Counter(q["type"] for q in questions) == _applicable_types(objects)
+        assert len({q["conversation_id"] for q in questions}) in (1, 2)
+        for q in questions:
+            turns = conversations[q["conversation_id"]].turns
+            assert turns[2 * q["turn"]].text == q["question"]
+            assert turns[2 * q["turn"] + 1].text == q["answer"]
+            assert parse_answer(q["type"], q["answer"]) == q["expected"]
+            _check_truth(q, objects)
+
+
+def _check_truth(q: dict, objects: list[dict]) -> None:
+    if q["type"] == "color":
+        shape = re.fullmatch(r"What color is the (\w+)\?", q["question"]).group(1)
+        assert [o["color"] for o in objects if o["shape"] == shape] == [q["expected"]]
+    elif q["type"] == "shape":
+        color = re.fullmatch(r"What shape is the (\w+) object\?", q["question"]).group(1)
+        assert [o["shape"] for o in objects if o["color"] == color] == [q["expected"]]
+        assert q["answer"] == f"It is a {q['expected']}."
+    elif q["type"] == "count":
+        assert q["expected"] == {1: "one", 2: "two"}[len(objects)]
+        assert q["answer"] == ("There is one shape." if len(objects) == 1 else "There are two shapes.")
+    else:
+        assert q["answer"] == q["expected"][0].upper() + q["expected"][1:] + "."
+        assert all(f"{o['color']} {o['shape']}" in q["expected"] for o in objects)
+
+
+def test_read_shapes_meta_round_trips(dataset: Path) -> None:
+    truths = read_shapes_meta(dataset / "shapes_meta.json")
+    assert [t.split for t in truths] == ["train"] * N_TRAIN + ["val"] * N_VAL
+    sample = sample_image(0, "val", 2)
+    truth = next(t for t in truths if t.image_id == sample.image_id)
+    assert truth.objects == sample.objects
+    assert [q.question for q in truth.questions] == [q.question for c in sample.conversations for q in c]
+
+
+def test_parse_answer() -> None:
+    assert parse_answer("color", "The circle is Red.") == "red"
+    assert parse_answer("shape", "It is a triangle.") == "triangle"
+    assert parse_answer("shape", "Two squares") == "square"
+    assert parse_answer("count", "There are 2 shapes.") == "two"
+    assert parse_answer("count", "There is one shape.") == "one"
+    assert parse_answer("color", "I cannot tell.") is None
+    assert parse_answer("describe", "A red circle. ") == "a red circle"
+    with pytest.raises(ValueError, match="unknown question type"):
+        parse_answer("size", "big")
+
+
+def test_png_encoding_is_stable() -> None:
+    sample = sample_image(3, "train", 11)
+    assert encode_png(render(sample)) == encode_png(render(sample))
+
+
+@pytest.mark.parametrize("kwargs", [{"n_train": -1, "n_val": 1}, {"n_train": 1, "n_val": 1, "seed": -3},
+                                    {"n_train": VAL_ID_OFFSET, "n_val": 1}, {"n_train": 1.5, "n_val": 1}])
+def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        write_shapes_dataset(tmp_path, **kwargs)
