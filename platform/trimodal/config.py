@@ -101,10 +101,13 @@ class LanguageModelConfig:
     """Token whose embedding marks the end of an image (Phi-2 seed: 23893); None uses the EOS token."""
     random_shape: TinyLMShape = field(default_factory=TinyLMShape)
     """Shape used when source.kind is random."""
+    chat_template: str = "auto"
+    """auto (the tokenizer's own, else instruct), chatml (no default system prompt) or instruct (Phi-2 QA style)."""
 
     def validate(self, path: str) -> None:
         self.source.validate(f"{path}.source")
         _check_choice(f"{path}.dtype", self.dtype, DTYPES)
+        _check_choice(f"{path}.chat_template", self.chat_template, ("auto", "chatml", "instruct"))
         if self.image_end_token_id is not None:
             _check_range(f"{path}.image_end_token_id", self.image_end_token_id, 0)
 
@@ -212,6 +215,8 @@ class DataConfig:
     """Seed of the shapes set."""
     max_length: int = 256
     """Longest token sequence (image positions included) fed to the LM."""
+    caption_prompt: str = "Describe the image briefly."
+    """User instruction that asks for a caption (stage 1 and caption evaluation)."""
     preprocess_batch_size: int = 32
     """Images per CLIP batch in preprocessing."""
     encoders: int = 1
@@ -257,6 +262,10 @@ class StageConfig:
     """Steps between progress lines."""
     sample_every: int = 0
     """Steps between sample predictions on held-out images (0: never)."""
+    autocast_bf16: bool = False
+    """Run forward passes under bfloat16 autocast (GPU, or CPUs with AMX/AVX512-BF16)."""
+    seed: int = 0
+    """Seed for initialisation, shuffling and dropout."""
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.steps", self.steps, 1)

@@ -100,7 +100,7 @@ def locate_packaged_file(spec: PackagedFile) -> Path:
     return path
 
 
-def _atomic_build(out_dir: Path, build: Callable[[Path], None]) -> Path:
+def atomic_build(out_dir: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp_dir)` and move the result to `out_dir` only when it finished."""
     if (out_dir / ".complete").exists():
         return out_dir
@@ -138,7 +138,7 @@ def _convert_packaged(name: str, cache_dir: Path) -> Path:
     paths = [locate_packaged_file(f) for f in model.files]
     out_dir = cache_dir / "packaged" / f"{name}-{model.files[0].sha256[:12]}"
     if model.convert == "gguf-lm":
-        return _atomic_build(out_dir, lambda tmp: _convert_gguf_lm(paths[0], tmp))
+        return atomic_build(out_dir, lambda tmp: _convert_gguf_lm(paths[0], tmp))
     from trimodal.models.whisper_convert import convert_ct2_whisper
 
     def build(tmp: Path) -> None:
@@ -148,7 +148,7 @@ def _convert_packaged(name: str, cache_dir: Path) -> Path:
             item.rename(tmp / item.name)
         (tmp / "w").rmdir()
 
-    return _atomic_build(out_dir, build)
+    return atomic_build(out_dir, build)
 
 
 def resolve_source(source: ModelSource, cache_dir: Path | None = None) -> Path:

@@ -10,7 +10,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           PreTrainedModel, PreTrainedTokenizerFast)
 
 from trimodal.config import LanguageModelConfig, QuantConfig, TinyLMShape
-from trimodal.sources import resolve_source
+from trimodal.sources import atomic_build, default_cache_dir, resolve_source
 
 # ChatML, as SmolLM2 and Qwen use; for tokenizers that ship no chat template (e.g. Phi-2 uses its own below).
 CHATML_TEMPLATE = (
@@ -56,8 +56,10 @@ def build_random_lm(shape: TinyLMShape, vocab_size: int, seed: int = 0) -> Llama
     return model
 
 
-def _ensure_chat_template(tokenizer) -> None:
-    if tokenizer.chat_template is None:
+def _set_chat_template(tokenizer, choice: str) -> None:
+    if choice == "chatml":
+        tokenizer.chat_template = CHATML_TEMPLATE
+    elif choice == "instruct" or tokenizer.chat_template is None:
         tokenizer.chat_template = INSTRUCT_TEMPLATE
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -74,13 +76,17 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
                         device: str | torch.device = "cpu",
                         cache_dir: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerFast]:
     """Load (model, tokenizer) for `cfg`; `quant` with load_in_4bit loads the weights in 4 bit."""
-    if cfg.source.kind == "random":
+    quantized = quant is not None and quant.load_in_4bit
+    if cfg.source.kind == "random" and not quantized:
         tokenizer = build_tiny_tokenizer()
         model = build_random_lm(cfg.random_shape, len(tokenizer)).to(DTYPES[cfg.dtype])
         return model.to(device), tokenizer
-    path = resolve_source(cfg.source, cache_dir)
+    if cfg.source.kind == "random":
+        path = _saved_random_lm(cfg.random_shape, cache_dir or default_cache_dir())  # bitsandbytes loads from disk
+    else:
+        path = resolve_source(cfg.source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _ensure_chat_template(tokenizer)
+    _set_chat_template(tokenizer, cfg.chat_template)
     kwargs = {"dtype": DTYPES[cfg.dtype], "use_safetensors": True}
     if quant is not None and quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
@@ -89,6 +95,18 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
     if "device_map" not in kwargs:
         model = model.to(device)
     return model, tokenizer
+
+
+def _saved_random_lm(shape: TinyLMShape, cache_dir: Path) -> Path:
+    """The random LM and tokenizer written once to disk, so quantised loading takes the normal path."""
+    name = f"random-lm-{shape.hidden_size}x{shape.num_layers}x{shape.num_heads}x{shape.intermediate_size}"
+
+    def build(tmp: Path) -> None:
+        tokenizer = build_tiny_tokenizer()
+        build_random_lm(shape, len(tokenizer)).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+    return atomic_build(cache_dir / name, build)
 
 
 def image_end_id(cfg: LanguageModelConfig, tokenizer) -> int:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from trimodal.models.chat import IMAGE_TOKEN_ID
+from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from trimodal.models.projector import Projector
 
 
@@ -49,8 +50,20 @@ class MultimodalLM(nn.Module):
         return merge_image_embeds(token_embeds, input_ids, image_embeds)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_features: torch.Tensor | None,
-                labels: torch.Tensor | None = None):
-        """Training/eval forward; `labels` use IGNORE_INDEX for positions without loss."""
+                labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Mean next-token loss over target tokens, and their count.
+
+        Logits are computed only at positions whose next token is a target in some row (answers are a small
+        part of each sequence), which skips most of the vocabulary projection.
+        """
         image_embeds = None if image_features is None else self.project(image_features)
         inputs_embeds = self.embed(input_ids, image_embeds)
-        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        targets = labels[:, 1:]  # position p predicts token p + 1
+        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
+        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep,
+                      use_cache=False)
+        logits = out.logits.float()  # [B, K, V]
+        picked = targets[:, keep]  # [B, K]
+        n_targets = int((picked != IGNORE_INDEX).sum())
+        loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        return loss / max(n_targets, 1), n_targets

@@ -27,7 +27,7 @@ def tiny_clip_config(shape: TinyCLIPShape, image_size: int, vocab_size: int = 51
     text = CLIPTextConfig(hidden_size=shape.text_hidden_size, intermediate_size=4 * shape.text_hidden_size,
                           num_hidden_layers=shape.text_num_layers, num_attention_heads=shape.num_heads,
                           vocab_size=vocab_size, max_position_embeddings=32, projection_dim=shape.projection_dim,
-                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                          bos_token_id=1, eos_token_id=3, pad_token_id=0)  # eos != 2: pool at the EOS position
     return CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
                       projection_dim=shape.projection_dim)
 

@@ -58,8 +58,8 @@ def test_placeholder_feature_mismatch_raises_clear_error(tiny_lm):
     ids = torch.tensor([enc.input_ids])
     labels = torch.tensor([enc.labels])
     mask = torch.ones_like(ids)
-    out = model(ids, mask, torch.randn(2, 3, 8), labels)  # two images: matches
-    assert torch.isfinite(out.loss)
+    loss, n = model(ids, mask, torch.randn(2, 3, 8), labels)  # two images: matches
+    assert torch.isfinite(loss) and n == len(tok("same", add_special_tokens=False)["input_ids"]) + 1
     with pytest.raises(FeatureCountError, match="6 placeholder positions, 3 feature vectors \\(1 images\\)"):
         model(ids, mask, torch.randn(1, 3, 8), labels)
     with pytest.raises(FeatureCountError, match="0 feature vectors"):
@@ -73,3 +73,20 @@ def test_image_features_land_exactly_at_placeholders(tiny_lm):
     images = torch.arange(8.0).view(1, 2, 4)
     merged = merge_image_embeds(embeds, ids, images)
     assert torch.equal(merged[0, 1:3], images[0]) and merged[0, [0, 3, 4]].abs().sum() == 0
+
+
+def test_target_only_logits_give_the_same_loss_as_full_logits(tiny_lm):
+    lm, tok = tiny_lm
+    model = MultimodalLM(lm, build_projector(8, lm.config.hidden_size))
+    convs = [[Turn("user", IMAGE_MARKER + "q one"), Turn("assistant", "answer one")],
+             [Turn("user", IMAGE_MARKER + "a longer question two"), Turn("assistant", "a2"),
+              Turn("user", "more"), Turn("assistant", "final answer")]]
+    encs = [encode_conversation(tok, c, 3, 3) for c in convs]
+    from trimodal.training.collate import pad_batch
+
+    ids, mask, labels = pad_batch(encs, tok.pad_token_id)
+    feats = torch.randn(2, 3, 8)
+    loss, n = model(ids, mask, feats, labels)
+    full = lm(inputs_embeds=model.embed(ids, model.project(feats)), attention_mask=mask, labels=labels)
+    assert n == int((labels != IGNORE_INDEX).sum())
+    assert torch.allclose(loss, full.loss, atol=1e-5)

@@ -1,0 +1,1 @@
+"""Training: stage policies, the Ray Train loop, checkpoints, and the TorchTrainer builder."""

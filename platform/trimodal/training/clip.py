@@ -1,0 +1,260 @@
+"""Stage 0: train a tiny CLIP contrastively on caption data where no pretrained CLIP can be had.
+
+The result is saved with `save_pretrained` (plus its word-level caption tokenizer) and then used, frozen,
+through exactly the `CLIPVisionModel.from_pretrained` path a real TinyCLIP takes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import CLIPModel, PreTrainedTokenizerFast
+
+from trimodal.config import TrimodalConfig, config_from_dict
+from trimodal.data.formats import read_coco_captions
+from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images
+from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
+from trimodal.training.loop import lr_lambda
+from trimodal.training.metrics import MetricsLog
+
+SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
+MAX_TEXT_TOKENS = 32
+
+
+def build_caption_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
+    """Lower-cased word-level tokenizer over the caption vocabulary, wrapping captions in [BOS] ... [EOS]."""
+    norm = normalizers.Sequence([normalizers.Lowercase()])
+    pre = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    words = sorted({w for c in captions for w, _ in pre.pre_tokenize_str(norm.normalize_str(c))})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = norm, pre
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 1),
+                                                                                                 ("[EOS]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", bos_token="[BOS]", eos_token="[EOS]",
+                                   unk_token="[UNK]", model_max_length=MAX_TEXT_TOKENS)
+
+
+def caption_rows(coco_root: Path, split: str) -> list[dict]:
+    """One row per image of a COCO-layout split: its path and all its captions."""
+    images, captions = read_coco_captions(coco_root / "annotations" / f"captions_{split}2017.json")
+    by_image: dict[int, list[str]] = {}
+    for c in captions:
+        by_image.setdefault(c.image_id, []).append(c.caption)
+    folder = coco_root / f"{split}2017"
+    return [{"path": str(folder / images[i].file_name), "captions": json.dumps(by_image[i])}
+            for i in sorted(by_image)]
+
+
+class DecodeImages:
+    """Ray Data batch function: image paths -> uint8 pixels [B, S, S, 3] (unreadable images are dropped)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: dict) -> dict:
+        keep, pixels = [], []
+        for i, path in enumerate(batch["path"]):
+            try:
+                img = Image.open(path).convert("RGB")
+            except OSError as exc:
+                print(f"[stage 0] skipping unreadable image {path}: {exc}", flush=True)
+                continue
+            normed = preprocess_images([img], self.size)[0]  # [3, S, S] normalised
+            mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
+            pixels.append(((normed * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+            keep.append(i)
+        return {"pixels": np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8),
+                "captions": np.asarray(batch["captions"])[keep]}
+
+
+def normalise(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S]."""
+    x = pixels.permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
+    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+
+
+class ClipCollator:
+    """Picks one caption per image (seeded), tokenises, normalises pixels."""
+
+    def __init__(self, tokenizer, seed: int):
+        self.tokenizer = tokenizer
+        self.rng = random.Random(seed)
+
+    def __call__(self, batch: dict) -> dict:
+        texts = [self.rng.choice(json.loads(c)) for c in batch["captions"]]
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        return {"pixel_values": normalise(torch.as_tensor(batch["pixels"])), "input_ids": enc["input_ids"],
+                "attention_mask": enc["attention_mask"], "texts": texts}
+
+
+def contrastive_loss(model: CLIPModel, batch: dict) -> torch.Tensor:
+    """Symmetric InfoNCE where identical captions in a batch count as positives of each other."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                pixel_values=batch["pixel_values"])
+    logits = out.logits_per_image  # [B, B], already scaled by exp(logit_scale)
+    texts = batch["texts"]
+    same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
+    targets = same / same.sum(-1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+
+
+def _clip_checkpoint(model, optimizer, scheduler, state, cfg, metrics: dict, with_checkpoint: bool) -> None:
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_weights(model, Path(tmp) / "clip.safetensors")
+            save_optimizer_state(Path(tmp), optimizer, scheduler, state, cfg)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _clip_batches(shard, collate: ClipCollator, batch_size: int, state: TrainState, seed: int):
+    epoch, skip = state.epoch, state.batch_in_epoch
+    while True:
+        for index, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
+                                                               drop_last=True, local_shuffle_seed=seed + epoch,
+                                                               local_shuffle_buffer_size=batch_size * 8)):
+            if index >= skip:
+                yield epoch, index, batch
+        epoch, skip = epoch + 1, 0
+
+
+def clip_train_loop(config: dict) -> None:
+    """Ray Train worker loop for stage 0."""
+    cfg = config_from_dict(config["cfg"])
+    stage, run_dir = cfg.stage0, Path(config["run_dir"])
+    rank = ray.train.get_context().get_world_rank()
+    torch.manual_seed(stage.seed + rank)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(config["tokenizer_dir"])
+    model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+    state = TrainState()
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+        if ckpt_dir:
+            model.load_state_dict(load_file(str(Path(ckpt_dir) / "clip.safetensors")))
+            state = load_optimizer_state(Path(ckpt_dir), optimizer, scheduler)
+    total = sum(p.numel() for p in model.parameters())
+    log = MetricsLog(run_dir, enabled=rank == 0)
+    log.start(0, total, total, state.step, stage.steps)
+    wrapped = ray.train.torch.prepare_model(model) if ray.train.get_context().get_world_size() > 1 else model
+    batches = _clip_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank),
+                            stage.batch_size, state, stage.seed)
+    while state.step < stage.steps:
+        start = time.perf_counter()
+        state.epoch, index, batch = next(batches)
+        loss = contrastive_loss(wrapped, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        state.step, state.batch_in_epoch = state.step + 1, index + 1
+        seconds = time.perf_counter() - start
+        metrics = {"step": state.step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
+                   "step_time_s": seconds, "tokens_per_s": len(batch["texts"]) / seconds, "epoch": state.epoch}
+        log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
+        ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
+        if ckpt or state.step % stage.log_every == 0:
+            _clip_checkpoint(model, optimizer, scheduler, state, cfg, metrics, ckpt)
+
+
+def _features(out) -> torch.Tensor:
+    """transformers 5 returns a model output whose pooler_output holds the projected features."""
+    return out.pooler_output if hasattr(out, "pooler_output") else out
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: CLIPModel, tokenizer, rows: list[dict], image_size: int) -> float:
+    """Top-1 image -> caption retrieval among all distinct held-out captions (correct: any of its captions)."""
+    model.eval()
+    candidates = sorted({c for r in rows for c in json.loads(r["captions"])})
+    enc = tokenizer(candidates, padding=True, return_tensors="pt")
+    text = F.normalize(_features(model.get_text_features(input_ids=enc["input_ids"],
+                                                         attention_mask=enc["attention_mask"])), dim=-1)  # [C, P]
+    hits = 0
+    for start in range(0, len(rows), 64):
+        chunk = rows[start:start + 64]
+        pixels = preprocess_images([Image.open(r["path"]) for r in chunk], image_size)
+        image = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)  # [B, P]
+        best = (image @ text.t()).argmax(-1)  # [B]
+        hits += sum(candidates[b] in json.loads(r["captions"]) for b, r in zip(best.tolist(), chunk))
+    return hits / max(len(rows), 1)
+
+
+def _readable(rows: list[dict]) -> list[dict]:
+    keep = []
+    for r in rows:
+        try:
+            with Image.open(r["path"]) as img:
+                img.verify()
+            keep.append(r)
+        except OSError:
+            print(f"[stage 0] held-out image unreadable, left out of the accuracy: {r['path']}", flush=True)
+    return keep
+
+
+def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool = False) -> Path:
+    """Train the tiny CLIP with Ray Train; save OUT/tower (CLIPModel + tokenizer); print zero-shot accuracy."""
+    import ray.data
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    from trimodal.training.trainer import check_resume, run_config, scaling_config
+
+    check_resume(out_dir, resume)
+    train_rows = caption_rows(coco_root, "train")
+    val_rows = _readable(caption_rows(coco_root, "val"))
+    tokenizer = build_caption_tokenizer([c for r in train_rows for c in json.loads(r["captions"])])
+    tok_dir = out_dir / "tokenizer"
+    tokenizer.save_pretrained(tok_dir)
+    decode = DecodeImages(cfg.model.vision.image_size)
+    train_ds = ray.data.from_items(train_rows).map_batches(decode, batch_size=64).materialize()
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True
+    trainer = TorchTrainer(
+        clip_train_loop, train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(out_dir.resolve()),
+                                            "tokenizer_dir": str(tok_dir.resolve())},
+        scaling_config=scaling_config(cfg.stage0), run_config=run_config(out_dir, cfg.stage0),
+        datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
+    result = trainer.fit()
+    model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
+    baseline = zero_shot_accuracy(model, tokenizer, val_rows, cfg.model.vision.image_size)
+    model.load_state_dict(load_file(str(Path(result.checkpoint.path) / "clip.safetensors")))
+    accuracy = zero_shot_accuracy(model, tokenizer, val_rows, cfg.model.vision.image_size)
+    print(f"[stage 0] zero-shot caption accuracy on {len(val_rows)} held-out images: {accuracy:.3f} "
+          f"(random tower: {baseline:.3f})", flush=True)
+    return save_tower(model, tokenizer, out_dir / "tower", {"zero_shot_accuracy": accuracy,
+                                                           "random_baseline": baseline, "steps": cfg.stage0.steps,
+                                                           "held_out_images": len(val_rows)})
+
+
+def save_tower(model: CLIPModel, tokenizer, tower_dir: Path, meta: dict) -> Path:
+    """save_pretrained the CLIP model + tokenizer atomically, with stage0.json beside them."""
+    tmp = tower_dir.with_name(tower_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "stage0.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(tower_dir, ignore_errors=True)
+    tmp.rename(tower_dir)
+    return tower_dir

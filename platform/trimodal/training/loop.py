@@ -1,0 +1,168 @@
+"""The Ray Train worker loop shared by stage 1 and stage 2.
+
+Every worker builds its stage model, restores the last checkpoint if Ray Train hands one over (a restarted
+worker group or a `--resume`d run), then trains on its Ray Data shard. The data position (epoch, batch within
+the epoch) is checkpointed so a resumed run sees exactly the batches the interrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ray.train
+import ray.train.torch
+import torch
+
+from trimodal.config import StageConfig, TrimodalConfig, config_from_dict
+from trimodal.models.bundle import RunInfo
+from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state
+from trimodal.training.collate import Batch, Collator
+from trimodal.training.metrics import MetricsLog
+from trimodal.training.policies import StageModel, stage1_model, stage2_model
+from trimodal.training.samples import print_samples
+
+
+@dataclass
+class LoopOptions:
+    """What the driver tells every worker."""
+
+    stage: int
+    """1 (projector) or 2 (QLoRA + projector)."""
+    run_dir: str
+    """The run directory (metrics.jsonl, loss.png, samples.jsonl)."""
+    vision_dim: int
+    """Width of the precomputed CLIP features."""
+    num_patches: int
+    """Patch positions per image."""
+    init_run: str | None = None
+    """Stage 2: the stage-1 run whose projector starts training."""
+    quantize: bool = True
+    """Stage 2: load the LM in 4 bit."""
+    fail_at_step: int = 0
+    """Test hook: raise once at this step (0: never) to exercise FailureConfig."""
+
+
+def lr_lambda(stage: StageConfig):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+
+    def factor(step: int) -> float:
+        if step < stage.warmup_steps:
+            return (step + 1) / stage.warmup_steps
+        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_stage(cfg: TrimodalConfig, opts: LoopOptions, device, ckpt_dir: Path | None) -> StageModel:
+    """The stage's model; stage 2 resumes its adapter from the checkpoint when there is one."""
+    if opts.stage == 1:
+        return stage1_model(cfg, opts.vision_dim, device)
+    from trimodal.models.bundle import read_run
+
+    init = read_run(opts.init_run) if opts.init_run else RunInfo(None, None, False)
+    adapter = ckpt_dir / "adapter" if ckpt_dir is not None and (ckpt_dir / "adapter").exists() else None
+    return stage2_model(cfg, opts.vision_dim, init, device, quantize=opts.quantize, adapter_dir=adapter)
+
+
+def iterate_batches(shard, collate: Collator, stage: StageConfig, start: TrainState,
+                    seed: int) -> Iterator[tuple[int, int, Batch]]:
+    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed."""
+    epoch, skip = start.epoch, start.batch_in_epoch
+    while True:
+        batches = shard.iter_torch_batches(batch_size=stage.batch_size, collate_fn=collate, drop_last=True,
+                                           local_shuffle_buffer_size=stage.batch_size * 16,
+                                           local_shuffle_seed=seed + epoch)
+        produced = False
+        for index, batch in enumerate(batches):
+            produced = True
+            if index >= skip:
+                yield epoch, index, batch
+        if not produced:
+            raise RuntimeError(f"the training shard has fewer than {stage.batch_size} rows: lower --batch-size")
+        epoch, skip = epoch + 1, 0
+
+
+def _to_device(batch: Batch, device) -> Batch:
+    feats = None if batch.image_features is None else batch.image_features.to(device)
+    return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), feats)
+
+
+def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device) -> tuple[float, int]:
+    """One optimizer step; returns (loss, target tokens)."""
+    model.train()
+    dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
+    with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
+        loss, n_targets = model(batch.input_ids, batch.attention_mask, batch.image_features, batch.labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach()), n_targets
+
+
+def _report(metrics: dict, state: TrainState, model, optimizer, scheduler, cfg, with_checkpoint: bool) -> None:
+    if not with_checkpoint:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if ray.train.get_context().get_world_rank() == 0:
+            save_training_state(Path(tmp), model, optimizer, scheduler, state, cfg)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _maybe_fail(opts: LoopOptions, step: int) -> None:
+    marker = Path(opts.run_dir) / ".injected_failure"
+    if opts.fail_at_step and step == opts.fail_at_step and not marker.exists():
+        marker.write_text(str(step))
+        raise RuntimeError(f"injected failure at step {step} (test hook)")
+
+
+def train_loop(config: dict) -> None:
+    """Ray Train entry point (one call per worker)."""
+    cfg = config_from_dict(config["cfg"])
+    opts = LoopOptions(**config["opts"])
+    stage = cfg.stage1 if opts.stage == 1 else cfg.stage2
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(stage.seed + rank)
+    checkpoint = ray.train.get_checkpoint()
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+        ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
+        sm = build_stage(cfg, opts, device, ckpt_dir)
+        params = [p for p in sm.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        state = load_training_state(ckpt_dir, sm.model, optimizer, scheduler) if ckpt_dir else TrainState()
+    log = MetricsLog(Path(opts.run_dir), enabled=rank == 0)
+    log.start(opts.stage, sm.trainable, sm.total, state.step, stage.steps)
+    model = ray.train.torch.prepare_model(sm.model, move_to_device=False) if ray.train.get_context(
+    ).get_world_size() > 1 else sm.model
+    collate = Collator(sm.tokenizer, opts.num_patches, sm.image_end_id, cfg.data.max_length, cfg.data.caption_prompt)
+    batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage, state, stage.seed)
+    while state.step < stage.steps:
+        start = time.perf_counter()
+        state.epoch, index, batch = next(batches)
+        batch = _to_device(batch, device)
+        _maybe_fail(opts, state.step + 1)
+        loss, n_targets = train_step(model, batch, optimizer, scheduler, stage.autocast_bf16, device)
+        state.step, state.batch_in_epoch = state.step + 1, index + 1
+        seconds = time.perf_counter() - start
+        metrics = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "step_time_s": seconds,
+                   "tokens_per_s": int(batch.attention_mask.sum()) / seconds, "target_tokens": n_targets,
+                   "epoch": state.epoch}
+        log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
+        if rank == 0 and stage.sample_every and state.step % stage.sample_every == 0:
+            print_samples(sm, config.get("samples", []), opts, state.step, device)
+        ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
+        if ckpt or state.step % stage.log_every == 0:
+            _report(metrics, state, sm.model, optimizer, scheduler, cfg, with_checkpoint=ckpt)

@@ -1,0 +1,76 @@
+"""Stage policies: which parts are loaded how, and exactly which parameters train.
+
+Stage 1: LM frozen (full precision), projector trained.
+Stage 2: LM in 4-bit NF4 (bitsandbytes) with LoRA adapters (peft) on the preset's target modules, projector trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from trimodal.config import TrimodalConfig
+from trimodal.models.bundle import RunInfo, load_projector
+from trimodal.models.language import image_end_id, load_language_model
+from trimodal.models.multimodal import MultimodalLM
+
+
+@dataclass
+class StageModel:
+    """A model ready to train, with its tokenizer and parameter accounting."""
+
+    model: MultimodalLM
+    tokenizer: object
+    image_end_id: int
+    trainable: int
+    """Number of trainable parameters."""
+    total: int
+    """Number of parameters (4-bit weights counted as their logical element count)."""
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total); bitsandbytes packs two 4-bit values per byte, so count those twice."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 and p.__class__.__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def _assemble(lm, tokenizer, cfg: TrimodalConfig, init: RunInfo, vision_dim: int, device) -> MultimodalLM:
+    projector, _ = load_projector(init, vision_dim, lm.config.hidden_size, cfg.model.projector_seed)
+    projector = projector.to(device).requires_grad_(True)
+    return MultimodalLM(lm, projector)
+
+
+def stage1_model(cfg: TrimodalConfig, vision_dim: int, device: str | torch.device = "cpu",
+                 init: RunInfo | None = None) -> StageModel:
+    """Frozen LM + trainable projector."""
+    lm, tokenizer = load_language_model(cfg.model.language_model, device=device)
+    lm.eval().requires_grad_(False)
+    model = _assemble(lm, tokenizer, cfg, init or RunInfo(None, None, False), vision_dim, device)
+    trainable, total = count_parameters(model)
+    return StageModel(model, tokenizer, image_end_id(cfg.model.language_model, tokenizer), trainable, total)
+
+
+def stage2_model(cfg: TrimodalConfig, vision_dim: int, init: RunInfo, device: str | torch.device = "cpu",
+                 quantize: bool = True, adapter_dir: Path | None = None) -> StageModel:
+    """QLoRA LM (4-bit base + LoRA) + trainable projector initialised from the stage-1 run `init`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    quant = cfg.quant if quantize and cfg.quant.load_in_4bit else None
+    lm, tokenizer = load_language_model(cfg.model.language_model, quant=quant, device=device)
+    lm.requires_grad_(False)
+    if adapter_dir is not None:
+        lm = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=True)
+    else:
+        lora = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                          target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM")
+        lm = get_peft_model(lm, lora)
+    model = _assemble(lm, tokenizer, cfg, init, vision_dim, device)
+    trainable, total = count_parameters(model)
+    return StageModel(model, tokenizer, image_end_id(cfg.model.language_model, tokenizer), trainable, total)

@@ -1,0 +1,128 @@
+"""Driver side: build the `TorchTrainer` for a stage, run it, export `final/`.
+
+Run directory layout (`--out DIR`):
+  DIR/train/            Ray Train storage: checkpoint_* directories and the checkpoint manager snapshot
+  DIR/metrics.jsonl     one line per step; DIR/loss.png the loss curve; DIR/samples.jsonl sample predictions
+  DIR/final/            projector.safetensors, adapter/, config.yaml, run.json (what evaluation and serving load)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from trimodal.config import StageConfig, TrimodalConfig
+from trimodal.training.loop import LoopOptions, train_loop
+from trimodal.training.samples import sample_prompts
+
+RAY_RUN_NAME = "train"
+
+
+class RunExistsError(RuntimeError):
+    """The run directory has checkpoints and `--resume` was not given."""
+
+
+def stage_config(cfg: TrimodalConfig, stage: int) -> StageConfig:
+    """The StageConfig of stage 0, 1 or 2."""
+    return getattr(cfg, f"stage{stage}")
+
+
+def with_stage_overrides(cfg: TrimodalConfig, stage: int, **values) -> TrimodalConfig:
+    """A copy of `cfg` with the given StageConfig fields replaced (None values are ignored); validated."""
+    changes = {k: v for k, v in values.items() if v is not None}
+    new_stage = dataclasses.replace(stage_config(cfg, stage), **changes)
+    return dataclasses.replace(cfg, **{f"stage{stage}": new_stage}).validate()
+
+
+def scaling_config(stage: StageConfig):
+    """CPU workers for cpu/test, GPU workers (with accelerator_type when set) for phi2."""
+    from ray.train import ScalingConfig
+
+    resources = {"CPU": stage.cpus_per_worker}
+    if stage.use_gpu:
+        resources["GPU"] = 1
+    return ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu, resources_per_worker=resources,
+                         accelerator_type=stage.accelerator_type if stage.use_gpu else None)
+
+
+def run_config(out_dir: Path, stage: StageConfig):
+    """Checkpoints under OUT/train, keeping `num_to_keep`; `max_failures` worker-group restarts."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+
+    return RunConfig(name=RAY_RUN_NAME, storage_path=str(out_dir.resolve()),
+                     checkpoint_config=CheckpointConfig(num_to_keep=stage.num_to_keep),
+                     failure_config=FailureConfig(max_failures=stage.max_failures))
+
+
+def check_resume(out_dir: Path, resume: bool) -> None:
+    """Refuse to mix a fresh run into a directory with checkpoints unless resuming."""
+    storage = out_dir / RAY_RUN_NAME
+    has_checkpoints = storage.exists() and any(storage.glob("checkpoint_*"))
+    if has_checkpoints and not resume:
+        raise RunExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue from the last one, "
+                             "or choose a new --out")
+    if not resume and (out_dir / "final").exists():
+        shutil.rmtree(out_dir / "final")
+
+
+def _samples(datasets, stage: int, cfg: TrimodalConfig, n: int = 3) -> list[dict]:
+    rows = datasets.limit(n).take_all() if datasets is not None else []
+    for row in rows:
+        row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
+    return sample_prompts(rows, cfg.data.caption_prompt)
+
+
+def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, resume: bool = False,
+              init_run: Path | None = None, quantize: bool = True, fail_at_step: int = 0) -> Path:
+    """Train stage 1 or 2 with Ray Train on the preprocessed data; return the exported `final/` directory."""
+    from ray.train import DataConfig
+    from ray.train.torch import TorchTrainer
+
+    from trimodal.data.readers import open_stage1, open_stage2, read_manifest
+
+    check_resume(out_dir, resume)
+    manifest = read_manifest(data_dir)
+    opener = open_stage1 if stage == 1 else open_stage2
+    train_ds = opener(data_dir, "train")
+    val_ds = opener(data_dir, "val")
+    opts = LoopOptions(stage=stage, run_dir=str(out_dir.resolve()), vision_dim=manifest.embedding_shape[1],
+                       num_patches=manifest.embedding_shape[0], init_run=str(init_run) if init_run else None,
+                       quantize=quantize, fail_at_step=fail_at_step)
+    stage_cfg = stage_config(cfg, stage)
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same batches on a resumed run
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "opts": asdict(opts), "samples": _samples(val_ds, stage, cfg)},
+        scaling_config=scaling_config(stage_cfg), run_config=run_config(out_dir, stage_cfg),
+        datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest))
+    started = time.perf_counter()
+    result = trainer.fit()
+    meta = {"stage": stage, "steps": stage_cfg.steps, "data": str(data_dir.resolve()),
+            "vision_tower": manifest.vision_dir, "vision_model_id": manifest.model_id,
+            "vision_untrained": manifest.untrained, "init_run": opts.init_run, "quantized": quantize,
+            "final_loss": result.metrics.get("loss"), "train_seconds": round(time.perf_counter() - started, 1),
+            "preset": cfg.name}
+    return export_from_checkpoint(result.checkpoint.path, out_dir / "final", meta)
+
+
+def export_from_checkpoint(checkpoint_dir: str, final_dir: Path, meta: dict) -> Path:
+    """Copy projector, adapter and config of the last checkpoint into `final/` and write run.json."""
+    src = Path(checkpoint_dir)
+    tmp = final_dir.with_name(final_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shutil.copy2(src / "projector.safetensors", tmp / "projector.safetensors")
+    shutil.copy2(src / "config.yaml", tmp / "config.yaml")
+    if (src / "adapter").is_dir():
+        shutil.copytree(src / "adapter", tmp / "adapter")
+    (tmp / "run.json").write_text(json.dumps(meta, indent=2))
+    shutil.rmtree(final_dir, ignore_errors=True)
+    tmp.rename(final_dir)
+    return final_dir
