@@ -43,14 +43,15 @@ def build_random_clip(shape: TinyCLIPShape, image_size: int, vocab_size: int = 5
 
 def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
     """CLIP preprocessing: RGB, shortest side to `size` (bicubic), centre crop, normalise. -> [B, 3, size, size]."""
-    arrays = [_resize_crop(img.convert("RGB"), size) for img in images]
+    arrays = [resize_crop(img.convert("RGB"), size) for img in images]
     batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (batch - mean) / std
 
 
-def _resize_crop(img: Image.Image, size: int) -> np.ndarray:
+def resize_crop(img: Image.Image, size: int) -> np.ndarray:
+    """RGB image -> uint8 [size, size, 3]: shortest side to `size` (bicubic), centre crop."""
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))

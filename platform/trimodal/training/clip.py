@@ -26,7 +26,7 @@ from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from trimodal.config import TrimodalConfig, config_from_dict
 from trimodal.data.formats import read_coco_captions
-from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images
+from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
 from trimodal.training.loop import lr_lambda
 from trimodal.training.metrics import MetricsLog
@@ -74,9 +74,7 @@ class DecodeImages:
             except OSError as exc:
                 print(f"[stage 0] skipping unreadable image {path}: {exc}", flush=True)
                 continue
-            normed = preprocess_images([img], self.size)[0]  # [3, S, S] normalised
-            mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
-            pixels.append(((normed * std + mean) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+            pixels.append(resize_crop(img, self.size))  # [S, S, 3] uint8
             keep.append(i)
         return {"pixels": np.stack(pixels) if pixels else np.zeros((0, self.size, self.size, 3), np.uint8),
                 "captions": np.asarray(batch["captions"])[keep]}
@@ -171,7 +169,8 @@ def clip_train_loop(config: dict) -> None:
         state.step, state.batch_in_epoch = state.step + 1, index + 1
         seconds = time.perf_counter() - start
         metrics = {"step": state.step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                   "step_time_s": seconds, "tokens_per_s": len(batch["texts"]) / seconds, "epoch": state.epoch}
+                   "step_time_s": seconds, "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
+                   "images_per_s": len(batch["texts"]) / seconds, "epoch": state.epoch}
         log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
         ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
         if ckpt or state.step % stage.log_every == 0:
@@ -228,7 +227,7 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
     tok_dir = out_dir / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     decode = DecodeImages(cfg.model.vision.image_size)
-    train_ds = ray.data.from_items(train_rows).map_batches(decode, batch_size=64).materialize()
+    train_ds = ray.data.from_items(train_rows, override_num_blocks=8).map_batches(decode, batch_size=64).materialize()
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     trainer = TorchTrainer(
