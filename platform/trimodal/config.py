@@ -255,7 +255,9 @@ class StageConfig:
     accelerator_type: Optional[str] = None
     """Ray accelerator type to request per worker (e.g. A100-40G)."""
     cpus_per_worker: int = 1
-    """CPUs reserved per worker."""
+    """CPUs reserved per worker (leave some to Ray Data: it streams the shards during training)."""
+    torch_threads: int = 0
+    """Intra-op threads for torch in each worker (0: Ray's default, one per reserved CPU)."""
     max_failures: int = 1
     """Worker-group restarts allowed (FailureConfig)."""
     log_every: int = 10

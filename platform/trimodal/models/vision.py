@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from transformers import logging as hf_logging
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
 
 from trimodal.config import TinyCLIPShape, VisionConfig
@@ -127,6 +128,11 @@ def load_vision_tower(cfg: VisionConfig, directory: str | Path | None = None,
     path = Path(directory) if directory is not None else resolve_source(cfg.source, cache_dir)
     if not (path / "config.json").exists():
         raise SourceError(f"{path} is not a CLIP model directory (no config.json)")
-    model = CLIPVisionModel.from_pretrained(path, use_safetensors=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a CLIPModel directory has text-tower weights the vision model skips
+    try:
+        model = CLIPVisionModel.from_pretrained(path, use_safetensors=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     name = str(directory) if directory is not None else cfg.source.name
     return _wrap(model, name, untrained=False).to(device)

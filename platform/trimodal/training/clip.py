@@ -140,6 +140,8 @@ def clip_train_loop(config: dict) -> None:
     cfg = config_from_dict(config["cfg"])
     stage, run_dir = cfg.stage0, Path(config["run_dir"])
     rank = ray.train.get_context().get_world_rank()
+    if stage.torch_threads:
+        torch.set_num_threads(stage.torch_threads)
     torch.manual_seed(stage.seed + rank)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config["tokenizer_dir"])
     model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))

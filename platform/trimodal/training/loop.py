@@ -77,7 +77,7 @@ def iterate_batches(shard, collate: Collator, stage: StageConfig, start: TrainSt
     epoch, skip = start.epoch, start.batch_in_epoch
     while True:
         batches = shard.iter_torch_batches(batch_size=stage.batch_size, collate_fn=collate, drop_last=True,
-                                           local_shuffle_buffer_size=stage.batch_size * 16,
+                                           local_shuffle_buffer_size=max(1024, stage.batch_size * 16),
                                            local_shuffle_seed=seed + epoch)
         produced = False
         for index, batch in enumerate(batches):
@@ -134,6 +134,8 @@ def train_loop(config: dict) -> None:
     stage = cfg.stage1 if opts.stage == 1 else cfg.stage2
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
+    if stage.torch_threads:
+        torch.set_num_threads(stage.torch_threads)
     torch.manual_seed(stage.seed + rank)
     checkpoint = ray.train.get_checkpoint()
     with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:

@@ -84,15 +84,16 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
-    from trimodal.data.readers import open_stage1, open_stage2, read_manifest
+    from trimodal.data.readers import embedding_shape, open_stage1, open_stage2, read_manifest
 
     check_resume(out_dir, resume)
     manifest = read_manifest(data_dir)
     opener = open_stage1 if stage == 1 else open_stage2
     train_ds = opener(data_dir, "train")
     val_ds = opener(data_dir, "val")
-    opts = LoopOptions(stage=stage, run_dir=str(out_dir.resolve()), vision_dim=manifest.embedding_shape[1],
-                       num_patches=manifest.embedding_shape[0], init_run=str(init_run) if init_run else None,
+    num_patches, vision_dim = embedding_shape(manifest)
+    opts = LoopOptions(stage=stage, run_dir=str(out_dir.resolve()), vision_dim=vision_dim,
+                       num_patches=num_patches, init_run=str(init_run) if init_run else None,
                        quantize=quantize, fail_at_step=fail_at_step)
     stage_cfg = stage_config(cfg, stage)
     ingest = DataConfig.default_ingest_options()
@@ -105,8 +106,8 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
     started = time.perf_counter()
     result = trainer.fit()
     meta = {"stage": stage, "steps": stage_cfg.steps, "data": str(data_dir.resolve()),
-            "vision_tower": manifest.vision_dir, "vision_model_id": manifest.model_id,
-            "vision_untrained": manifest.untrained, "init_run": opts.init_run, "quantized": quantize,
+            "vision_tower": manifest["inputs"].get("vision_dir"), "vision_model_id": manifest["encoder"]["model_id"],
+            "vision_untrained": manifest["encoder"]["untrained"], "init_run": opts.init_run, "quantized": quantize,
             "final_loss": result.metrics.get("loss"), "train_seconds": round(time.perf_counter() - started, 1),
             "preset": cfg.name}
     return export_from_checkpoint(result.checkpoint.path, out_dir / "final", meta)

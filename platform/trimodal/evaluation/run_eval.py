@@ -1,0 +1,154 @@
+"""Evaluate a finished run on the held-out split of the preprocessed data.
+
+Captions: BLEU-1..4 and CIDEr-D against all reference captions of each held-out image. Conversations: every
+assistant turn is answered from its history (earlier reference answers kept) and scored per question type.
+The precomputed embeddings are reused, so evaluation sees exactly the tower the run was trained with.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trimodal.config import config_from_dict
+from trimodal.evaluation.caption_metrics import cider_d, corpus_bleu
+from trimodal.evaluation.scoring import answer_correct, question_type
+from trimodal.inference.engine import Prompt, TextGenerator
+from trimodal.inference.generation import SamplingParams
+from trimodal.models.bundle import load_lm_for_run, load_projector, read_run
+from trimodal.models.chat import IMAGE_MARKER, Turn
+
+
+def load_for_eval(run_dir: Path, vision_dim: int, device: str = "cpu"):
+    """(generator, projector, cfg) of a finished run."""
+    import yaml
+
+    run = read_run(run_dir)
+    cfg = config_from_dict(yaml.safe_load((run.directory / "config.yaml").read_text()))
+    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
+    projector, _ = load_projector(run, vision_dim, lm.config.hidden_size)
+    return TextGenerator(lm, tokenizer, end_id), projector.to(device).eval(), cfg
+
+
+@torch.no_grad()
+def _answer(gen: TextGenerator, projector, jobs: list[tuple[list[Turn], np.ndarray]], num_patches: int,
+            batch_size: int, max_tokens: int) -> list[str]:
+    """Greedy answers for (turns, embedding) jobs, decoded `batch_size` at a time."""
+    answers: list[str] = []
+    param = next(projector.parameters())
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        prompts = []
+        for turns, emb in chunk:
+            feats = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(param.device).unsqueeze(0)  # [1, N, D]
+            prompts.append(Prompt(gen.encode(turns, num_patches), projector(feats)))
+        answers += [c.text.strip() for c in gen.generate(prompts, [SamplingParams(max_tokens=max_tokens)]
+                                                                   * len(prompts))]
+        print(f"[evaluate] {min(start + batch_size, len(jobs))}/{len(jobs)} answers", flush=True)
+    return answers
+
+
+def caption_scores(gen, projector, embeddings: dict[int, np.ndarray], references: dict[int, list[str]],
+                   prompt: str, num_patches: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """BLEU and CIDEr-D of generated captions, and the per-image predictions."""
+    ids = sorted(i for i in references if i in embeddings)
+    jobs = [([Turn("user", IMAGE_MARKER + prompt)], embeddings[i]) for i in ids]
+    preds = _answer(gen, projector, jobs, num_patches, batch_size, max_tokens=40)
+    hyps = dict(zip(ids, preds))
+    refs = {i: references[i] for i in ids}
+    metrics = corpus_bleu(hyps, refs) if ids else {}
+    metrics["CIDEr-D"] = cider_d(hyps, refs)[0] if len(ids) > 1 else 0.0
+    metrics["images"] = len(ids)
+    rows = [{"kind": "caption", "image_id": i, "predicted": hyps[i], "references": refs[i]} for i in ids]
+    return metrics, rows
+
+
+def question_jobs(conversations: list[dict]) -> list[dict]:
+    """One job per assistant turn: its history (with reference answers), question, reference and type."""
+    jobs = []
+    for conv in conversations:
+        turns = [Turn(t["role"], t["text"]) for t in conv["turns"]]
+        if turns and turns[0].role == "user":
+            turns[0] = Turn("user", IMAGE_MARKER + turns[0].text)
+        for k, turn in enumerate(turns):
+            if turn.role == "assistant" and k > 0:
+                question = conv["turns"][k - 1]["text"]
+                jobs.append({"id": conv["id"], "image_id": conv["image_id"], "history": turns[:k],
+                             "question": question, "reference": turn.text, "type": question_type(question)})
+    return jobs
+
+
+def conversation_scores(gen, projector, embeddings: dict[int, np.ndarray], conversations: list[dict],
+                        num_patches: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """Accuracy per question type, and the per-question predictions."""
+    jobs = [j for j in question_jobs(conversations) if j["image_id"] in embeddings]
+    preds = _answer(gen, projector, [(j["history"], embeddings[j["image_id"]]) for j in jobs], num_patches,
+                    batch_size, max_tokens=32)
+    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    rows = []
+    for job, pred in zip(jobs, preds):
+        ok = answer_correct(job["type"], pred, job["reference"])
+        if ok is not None:
+            tally[job["type"]][0] += int(ok)
+            tally[job["type"]][1] += 1
+        rows.append({"kind": "question", "id": job["id"], "image_id": job["image_id"], "type": job["type"],
+                     "question": job["question"], "predicted": pred, "reference": job["reference"], "correct": ok})
+    return {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in sorted(tally.items())}, rows
+
+
+def print_table(result: dict) -> None:
+    """A small table of everything measured."""
+    cap = result["captions"]
+    print(f"\n{'metric':<22}{'value':>10}{'n':>8}")
+    for key in ("BLEU-1", "BLEU-4", "CIDEr-D"):
+        if key in cap:
+            print(f"{'captions ' + key:<22}{cap[key]:>10.4f}{cap['images']:>8}")
+    for qtype, row in result["questions"].items():
+        print(f"{'accuracy ' + qtype:<22}{row['accuracy']:>10.3f}{row['total']:>8}")
+
+
+def read_split(data_dir: Path, split: str) -> tuple[dict[int, np.ndarray], dict[int, list[str]], list[dict]]:
+    """(embeddings by image id, reference captions by image id, conversations) of one split."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401  (registers Ray's tensor extension type, so embeddings read as arrays)
+
+    from trimodal.data.readers import read_manifest, read_rows
+
+    read_manifest(data_dir)
+    images = pq.read_table(data_dir / "images", columns=["image_id", "embedding"], filters=[("split", "==", split)])
+    arrays = images["embedding"].combine_chunks().to_numpy()  # [n, N, D] float16
+    embeddings = dict(zip(images["image_id"].to_pylist(), arrays))
+    references: dict[int, list[str]] = defaultdict(list)
+    for row in read_rows(data_dir, "captions", split, ["image_id", "caption"]).to_pylist():
+        references[row["image_id"]].append(row["caption"])
+    conversations = read_rows(data_dir, "conversations", split, ["id", "image_id", "turns"]).to_pylist()
+    return embeddings, dict(references), [c for c in conversations if c["image_id"] is not None]
+
+
+def evaluate_run(run_dir: Path, data_dir: Path, split: str = "val", limit: int | None = None,
+                 batch_size: int = 16, device: str = "cpu") -> dict:
+    """Evaluate a run on `split`; write RUN/eval.json and RUN/predictions.jsonl; return the result."""
+    started = time.perf_counter()
+    embeddings, references, conversations = read_split(data_dir, split)
+    if limit is not None:
+        keep = set(sorted(embeddings)[:limit])
+        embeddings = {i: e for i, e in embeddings.items() if i in keep}
+    dim = next(iter(embeddings.values())).shape[-1]
+    gen, projector, cfg = load_for_eval(run_dir, dim, device)
+    num_patches = next(iter(embeddings.values())).shape[0]
+    captions, cap_rows = caption_scores(gen, projector, embeddings, references, cfg.data.caption_prompt,
+                                        num_patches, batch_size)
+    questions, q_rows = conversation_scores(gen, projector, embeddings, conversations, num_patches, batch_size)
+    result = {"run": str(run_dir), "data": str(data_dir), "split": split, "captions": captions,
+              "questions": questions, "seconds": round(time.perf_counter() - started, 1)}
+    out = run_dir
+    (out / "eval.json").write_text(json.dumps(result, indent=2))
+    with (out / "predictions.jsonl").open("w") as fh:
+        for row in cap_rows + q_rows:
+            fh.write(json.dumps(row) + "\n")
+    return result
