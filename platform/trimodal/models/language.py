@@ -30,7 +30,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (256 bytes + 4 specials) built in-process, with a ChatML template."""
-    byte_vocab = {ch: i + len(TINY_SPECIALS) for i, ch in enumerate(pre_tokenizers.ByteLevel.alphabet())}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())  # alphabet() is a set: sort for stable ids
+    byte_vocab = {ch: i + len(TINY_SPECIALS) for i, ch in enumerate(alphabet)}
     vocab = {tok: i for i, tok in enumerate(TINY_SPECIALS)} | byte_vocab
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)

@@ -90,3 +90,14 @@ def test_target_only_logits_give_the_same_loss_as_full_logits(tiny_lm):
     full = lm(inputs_embeds=model.embed(ids, model.project(feats)), attention_mask=mask, labels=labels)
     assert n == int((labels != IGNORE_INDEX).sum())
     assert torch.allclose(loss, full.loss, atol=1e-5)
+
+
+def test_tiny_tokenizer_ids_are_the_same_in_every_process():
+    import subprocess
+    import sys
+
+    code = ("from trimodal.models.language import build_tiny_tokenizer;"
+            "print(build_tiny_tokenizer()('Describe the image.')['input_ids'])")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout for seed in (1, 2, 3)}
+    assert len(runs) == 1 and runs.pop().startswith("[")

@@ -1,0 +1,158 @@
+"""Training on a real local Ray: stage 0, stage 1 and stage 2 through TorchTrainer with the `test` preset,
+checkpoint contents, --resume, an injected worker failure, and evaluation of the result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from trimodal.config import load_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    # 4 logical CPUs on a 2-core machine: two 1-CPU train workers still leave Ray Data room to stream shards.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    from trimodal.data.shapes import write_shapes_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root, n_train=24, n_val=6, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def data_dir(ray_local, shapes, tmp_path_factory) -> Path:
+    from trimodal.data.preprocess import PipelineOptions, build_plan, run_preprocess
+
+    out = tmp_path_factory.mktemp("data")
+    plan = build_plan([shapes], [shapes / "llava_instruct.json", shapes / "llava_instruct_val.json"])
+    run_preprocess(plan, load_config("test").model.vision, out, PipelineOptions(batch_size=8, encoders=1))
+    return out
+
+
+def _cfg(**over):
+    base = {"stage1.steps": 4, "stage1.checkpoint_every": 2, "stage1.batch_size": 4,
+            "stage2.steps": 4, "stage2.checkpoint_every": 2, "stage2.batch_size": 4,
+            "stage1.log_every": 1, "stage2.log_every": 1}
+    return load_config("test", base | over)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def stage1_run(data_dir, tmp_path_factory) -> Path:
+    from trimodal.training.trainer import run_stage
+
+    out = tmp_path_factory.mktemp("stage1")
+    run_stage(_cfg(), 1, data_dir, out)
+    return out
+
+
+def test_stage1_exports_final_and_checkpoints_hold_the_full_state(stage1_run):
+    final = stage1_run / "final"
+    meta = json.loads((final / "run.json").read_text())
+    assert meta["stage"] == 1 and meta["steps"] == 4 and "random" in meta["vision_model_id"]
+    assert (final / "projector.safetensors").exists() and not (final / "adapter").exists()
+    checkpoints = sorted(p for p in (stage1_run / "train").glob("checkpoint_*") if p.is_dir())
+    assert len(checkpoints) == 2  # steps 2 and 4, num_to_keep=2
+    for name in ("projector.safetensors", "optimizer.safetensors", "optimizer.json", "scheduler.json",
+                 "rng.safetensors", "state.json", "config.yaml"):
+        assert (checkpoints[-1] / name).exists(), name
+    state = json.loads((checkpoints[-1] / "state.json").read_text())
+    assert state["step"] == 4 and state["batch_in_epoch"] >= 1 and "python_rng" in state
+    assert sorted(_losses(stage1_run)) == [1, 2, 3, 4]
+    assert (stage1_run / "loss.png").stat().st_size > 1000
+    assert not list(stage1_run.rglob("*.pt")) and not list(stage1_run.rglob("*.bin"))  # no pickles anywhere
+
+
+def test_resume_continues_at_the_next_step_with_the_same_loss(data_dir, stage1_run, tmp_path):
+    from trimodal.training.trainer import RunExistsError, run_stage
+
+    # The run dies at step 3 with no restarts allowed (its last checkpoint is step 2), then is re-run.
+    with pytest.raises(Exception, match="injected failure at step 3"):
+        run_stage(_cfg(**{"stage1.max_failures": 0}), 1, data_dir, tmp_path, fail_at_step=3)
+    assert sorted(_losses(tmp_path)) == [1, 2]
+    with pytest.raises(RunExistsError, match="--resume"):
+        run_stage(_cfg(), 1, data_dir, tmp_path)
+    run_stage(_cfg(), 1, data_dir, tmp_path, resume=True)
+    resumed, uninterrupted = _losses(tmp_path), _losses(stage1_run)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):  # same data position, optimizer and scheduler state: same losses (float32 on CPU)
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-4, abs=1e-5)
+
+
+def test_injected_worker_failure_restarts_from_the_checkpoint(data_dir, tmp_path):
+    from trimodal.training.trainer import run_stage
+
+    final = run_stage(_cfg(**{"stage1.max_failures": 1}), 1, data_dir, tmp_path, fail_at_step=3)
+    assert (tmp_path / ".injected_failure").read_text() == "3"
+    assert json.loads((final / "run.json").read_text())["steps"] == 4
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]  # steps 1-2 from the first attempt, 3-4 after the restart
+
+
+def test_stage1_with_two_ddp_workers(data_dir, tmp_path):
+    from trimodal.training.trainer import run_stage
+
+    final = run_stage(_cfg(**{"stage1.num_workers": 2, "stage1.batch_size": 2}), 1, data_dir, tmp_path)
+    assert (final / "projector.safetensors").exists()
+
+
+def test_stage2_qlora_from_stage1_then_evaluate(data_dir, stage1_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from trimodal.evaluation.run_eval import evaluate_run
+    from trimodal.training.trainer import run_stage
+
+    cfg = _cfg(**{"quant.load_in_4bit": True})
+    final = run_stage(cfg, 2, data_dir, tmp_path, init_run=stage1_run, quantize=True)
+    assert (final / "adapter" / "adapter_model.safetensors").exists()
+    start = load_file(str(stage1_run / "final" / "projector.safetensors"))
+    tuned = load_file(str(final / "projector.safetensors"))
+    assert not torch.equal(start["linear.weight"], tuned["linear.weight"])  # the projector trained too
+    result = evaluate_run(tmp_path, data_dir, batch_size=4)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert {"BLEU-4", "CIDEr-D", "images"} <= set(saved["captions"]) and saved["captions"]["images"] == 6
+    assert {"color", "shape", "count"} <= set(saved["questions"])
+    for row in saved["questions"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["total"] > 0
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 6 + sum(r["total"] for r in saved["questions"].values()) + _unscored(lines)
+
+
+def _unscored(lines: list[str]) -> int:
+    return sum(1 for ln in lines if json.loads(ln).get("correct", True) is None)
+
+
+def test_stage0_tower_loads_as_clip_vision_model(ray_local, shapes, tmp_path):
+    from transformers import CLIPVisionModel
+
+    from trimodal.models.vision import random_vision_tower
+    from trimodal.training.clip import run_stage0
+
+    cfg = load_config("test", {"stage0.steps": 3, "stage0.batch_size": 8, "stage0.checkpoint_every": 3})
+    tower_dir = run_stage0(cfg, shapes, tmp_path)
+    meta = json.loads((tower_dir / "stage0.json").read_text())
+    assert 0.0 <= meta["zero_shot_accuracy"] <= 1.0 and meta["held_out_images"] == 6
+    trained = CLIPVisionModel.from_pretrained(tower_dir, use_safetensors=True)
+    pixels = torch.randn(2, 3, 64, 64)
+    ours = trained(pixel_values=pixels).last_hidden_state[:, 1:]
+    random = random_vision_tower(cfg.model.vision)(pixels)
+    assert ours.shape == random.shape == (2, 16, 32)
+    assert not np.allclose(ours.detach().numpy(), random.numpy(), atol=1e-3)
