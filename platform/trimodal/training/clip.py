@@ -10,7 +10,6 @@ import contextlib
 import json
 import random
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from trimodal.config import TrimodalConfig, config_from_dict
 from trimodal.data.formats import read_coco_captions
 from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
-from trimodal.training.loop import lr_lambda
+from trimodal.training.loop import iterate_batches, lr_lambda, report
 from trimodal.training.metrics import MetricsLog
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
@@ -111,28 +110,9 @@ def contrastive_loss(model: CLIPModel, batch: dict) -> torch.Tensor:
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
 
 
-def _clip_checkpoint(model, optimizer, scheduler, state, cfg, metrics: dict, with_checkpoint: bool) -> None:
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            save_weights(model, Path(tmp) / "clip.safetensors")
-            save_optimizer_state(Path(tmp), optimizer, scheduler, state, cfg)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _clip_batches(shard, collate: ClipCollator, batch_size: int, state: TrainState, seed: int):
-    epoch, skip = state.epoch, state.batch_in_epoch
-    while True:
-        for index, batch in enumerate(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate,
-                                                               drop_last=True, local_shuffle_seed=seed + epoch,
-                                                               local_shuffle_buffer_size=batch_size * 8)):
-            if index >= skip:
-                yield epoch, index, batch
-        epoch, skip = epoch + 1, 0
+def _save_clip(directory: Path, model, optimizer, scheduler, state: TrainState, cfg: TrimodalConfig) -> None:
+    save_weights(model, directory / "clip.safetensors")
+    save_optimizer_state(directory, optimizer, scheduler, state, cfg)
 
 
 def clip_train_loop(config: dict) -> None:
@@ -157,8 +137,8 @@ def clip_train_loop(config: dict) -> None:
     log = MetricsLog(run_dir, enabled=rank == 0)
     log.start(0, total, total, state.step, stage.steps)
     wrapped = ray.train.torch.prepare_model(model) if ray.train.get_context().get_world_size() > 1 else model
-    batches = _clip_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank),
-                            stage.batch_size, state, stage.seed)
+    batches = iterate_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank),
+                              stage.batch_size, state, stage.seed)
     while state.step < stage.steps:
         start = time.perf_counter()
         state.epoch, index, batch = next(batches)
@@ -176,7 +156,7 @@ def clip_train_loop(config: dict) -> None:
         log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
         ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
         if ckpt or state.step % stage.log_every == 0:
-            _clip_checkpoint(model, optimizer, scheduler, state, cfg, metrics, ckpt)
+            report(metrics, ckpt, lambda d: _save_clip(d, model, optimizer, scheduler, state, cfg))
 
 
 def _features(out) -> torch.Tensor:

@@ -13,7 +13,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import ray.train
 import ray.train.torch
@@ -71,13 +71,15 @@ def build_stage(cfg: TrimodalConfig, opts: LoopOptions, device, ckpt_dir: Path |
     return stage2_model(cfg, opts.vision_dim, init, device, quantize=opts.quantize, adapter_dir=adapter)
 
 
-def iterate_batches(shard, collate: Collator, stage: StageConfig, start: TrainState,
-                    seed: int) -> Iterator[tuple[int, int, Batch]]:
-    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed."""
+def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed.
+
+    Each epoch is locally shuffled with its own seed, so a resumed run sees the batches an uninterrupted one would.
+    """
     epoch, skip = start.epoch, start.batch_in_epoch
     while True:
-        batches = shard.iter_torch_batches(batch_size=stage.batch_size, collate_fn=collate, drop_last=True,
-                                           local_shuffle_buffer_size=max(1024, stage.batch_size * 16),
+        batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                           local_shuffle_buffer_size=max(1024, batch_size * 16),
                                            local_shuffle_seed=seed + epoch)
         produced = False
         for index, batch in enumerate(batches):
@@ -85,7 +87,7 @@ def iterate_batches(shard, collate: Collator, stage: StageConfig, start: TrainSt
             if index >= skip:
                 yield epoch, index, batch
         if not produced:
-            raise RuntimeError(f"the training shard has fewer than {stage.batch_size} rows: lower --batch-size")
+            raise RuntimeError(f"the training shard has fewer than {batch_size} rows: lower --batch-size")
         epoch, skip = epoch + 1, 0
 
 
@@ -108,14 +110,15 @@ def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device
     return float(loss.detach()), n_targets
 
 
-def _report(metrics: dict, state: TrainState, model, optimizer, scheduler, cfg, with_checkpoint: bool) -> None:
+def report(metrics: dict, with_checkpoint: bool, save: Callable[[Path], None]) -> None:
+    """ray.train.report from every worker; with a checkpoint that rank 0 writes with `save(directory)`."""
     if not with_checkpoint:
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if ray.train.get_context().get_world_rank() == 0:
-            save_training_state(Path(tmp), model, optimizer, scheduler, state, cfg)
+            save(Path(tmp))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
 
@@ -150,7 +153,7 @@ def train_loop(config: dict) -> None:
     model = ray.train.torch.prepare_model(sm.model, move_to_device=False) if ray.train.get_context(
     ).get_world_size() > 1 else sm.model
     collate = Collator(sm.tokenizer, opts.num_patches, sm.image_end_id, cfg.data.max_length, cfg.data.caption_prompt)
-    batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage, state, stage.seed)
+    batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size, state, stage.seed)
     while state.step < stage.steps:
         start = time.perf_counter()
         state.epoch, index, batch = next(batches)
@@ -167,4 +170,4 @@ def train_loop(config: dict) -> None:
             print_samples(sm, config.get("samples", []), opts, state.step, device)
         ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
         if ckpt or state.step % stage.log_every == 0:
-            _report(metrics, state, sm.model, optimizer, scheduler, cfg, with_checkpoint=ckpt)
+            report(metrics, ckpt, lambda d: save_training_state(d, sm.model, optimizer, scheduler, state, cfg))

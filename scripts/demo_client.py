@@ -1,0 +1,47 @@
+"""Ask the served model three questions with the official openai client: text, image, spoken (about the image)."""
+
+import argparse
+import base64
+import time
+from pathlib import Path
+
+from openai import OpenAI
+
+
+def ask(client: OpenAI, title: str, content) -> None:
+    start = time.perf_counter()
+    reply = client.chat.completions.create(model="trimodal", max_tokens=48, temperature=0.0,
+                                           messages=[{"role": "user", "content": content}])
+    print(f"\n[{title}] ({time.perf_counter() - start:.1f} s)\n  {reply.choices[0].message.content.strip()}")
+
+
+def held_out_image_with_one_circle(shapes: Path) -> Path:
+    """The first held-out image showing exactly one circle (the spoken question asks about "the circle")."""
+    from trimodal.data.shapes import read_shapes_meta
+
+    for truth in read_shapes_meta(shapes / "shapes_meta.json"):
+        if truth.split == "val" and [o.shape for o in truth.objects].count("circle") == 1:
+            return shapes / "val2017" / truth.file_name
+    raise SystemExit(f"no held-out image with one circle in {shapes}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
+    parser.add_argument("--shapes", required=True, type=Path, help="the shapes set (a held-out image is picked)")
+    parser.add_argument("--audio", required=True, type=Path)
+    parser.add_argument("--api-key", default="none", help="the server's TRIMODAL_API_KEY, if one is set")
+    args = parser.parse_args()
+    client = OpenAI(base_url=args.base_url, api_key=args.api_key)
+    args.image = held_out_image_with_one_circle(args.shapes)
+    image = {"type": "image_url",
+             "image_url": {"url": "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()}}
+    audio = {"type": "input_audio",
+             "input_audio": {"data": base64.b64encode(args.audio.read_bytes()).decode(), "format": "wav"}}
+    ask(client, "text: What is the capital of France?", "What is the capital of France? Answer in one sentence.")
+    ask(client, f"image {args.image.name}: Describe the image.", [image, {"type": "text", "text": "Describe the image."}])
+    ask(client, f"spoken question ({args.audio.name}) about {args.image.name}", [image, audio])
+
+
+if __name__ == "__main__":
+    main()
