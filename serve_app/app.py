@@ -1,0 +1,123 @@
+"""The one place that turns the plain classes into a Ray Serve deployment graph.
+
+`build_app(args)` resolves the settings once (`serve_app.settings`: preset, overrides, run, environment), then
+applies `serve.deployment` options (replicas, resources, request limits, batching) and binds Speech, Vision and
+LanguageModel into the Ingress through its constructor.
+
+    serve run serve_app:graph                                    # TRIMODAL_PRESET (cpu), newest finished run
+    serve run serve_app:build_app preset=test run=runs/x/final   # args override the environment
+    serve run serve_app:build_app preset=cpu serving.max_batch_size=4 threads=2
+
+HTTP host and port belong to Serve, not to an app: `serve run` binds 127.0.0.1:8000; use
+`serve start --http-host/--http-port`, a config file's http_options, or `serve.start(http_options=
+http_options(cfg))` for serving.host/port.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Mapping
+
+from ray import serve
+from ray.serve.config import HTTPOptions
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+from trimodal.config import TrimodalConfig
+
+from serve_app.deployments import LanguageModel, Speech, Vision
+from serve_app.ingress import Ingress
+from serve_app.settings import AppSettings, ingress_settings, lm_hidden_size, resolve_settings
+
+BATCH_WAIT_S = {"Speech": 0.02, "Vision": 0.01, "LanguageModel": 0.02}
+"""How long a replica waits to fill a batch after its first request arrives."""
+GPU_SHARE = {"Speech": 0.1, "Vision": 0.1, "LanguageModel": 0.6}
+"""Default fractions of one GPU when device=cuda (serve_config.yaml sets its own)."""
+RETRY_AFTER_S = 1
+OVERLOAD_ERRORS = (BackPressureError, DeploymentUnavailableError)
+"""What a handle call raises when a deployment cannot take the request: the ingress answers 503 + Retry-After."""
+
+
+def with_batching(cls: type, max_batch_size: int, wait_s: float) -> type:
+    """A subclass whose single-item methods (cls.BATCHED) go through `serve.batch` on their list methods."""
+    name = f"Batched{cls.__name__}"
+    attrs: dict[str, Any] = {"__module__": cls.__module__, "__qualname__": name}
+    for single, many in cls.BATCHED.items():
+        batch_fn = getattr(cls, many)
+        attrs[many] = serve.batch(max_batch_size=max_batch_size, batch_wait_timeout_s=wait_s)(batch_fn)
+        attrs[single] = _stream_through(many) if inspect.isasyncgenfunction(batch_fn) else _call_through(many)
+    return type(name, (cls,), attrs)
+
+
+def _call_through(many: str):
+    async def single(self, item):
+        return await getattr(self, many)(item)
+    return single
+
+
+def _stream_through(many: str):
+    async def single(self, item):
+        async for result in getattr(self, many)(item):
+            yield result
+    return single
+
+
+def servable_ingress(cls: type = Ingress) -> type:
+    """The Ingress with Serve's late-bound ASGI hook: its Starlette app is built on the replica."""
+    name = f"Served{cls.__name__}"
+    attrs = {"__module__": cls.__module__, "__qualname__": name,
+             "__serve_build_asgi_app__": lambda self: self.asgi_app()}
+    return serve.ingress()(type(name, (cls,), attrs))
+
+
+def _actor_options(s: AppSettings, name: str, cpus: float) -> dict:
+    options: dict[str, Any] = {"num_cpus": cpus}
+    if s.device.startswith("cuda"):
+        options["num_gpus"] = GPU_SHARE[name]
+    return options
+
+
+def build_graph(s: AppSettings):
+    """Bind Speech, Vision and LanguageModel into the Ingress, each with its Serve options."""
+    serving = s.cfg.serving
+    limits = {"max_ongoing_requests": serving.max_ongoing_requests,
+              "max_queued_requests": serving.max_queued_requests}
+
+    def deployment(cls: type, name: str, cpus: float, **extra: Any):
+        batched = with_batching(cls, serving.max_batch_size, BATCH_WAIT_S[name])
+        return serve.deployment(batched, name=name, ray_actor_options=_actor_options(s, name, cpus),
+                                **limits, **extra)
+
+    speech = deployment(Speech, "Speech", s.media_cpus)
+    vision = deployment(Vision, "Vision", s.media_cpus)
+    lm = deployment(LanguageModel, "LanguageModel", s.lm_cpus, num_replicas=serving.lm_replicas)
+    return bind_ingress(s, speech.bind(s.cfg, s.device, s.media_threads),
+                        vision.bind(s.cfg, s.run_dir, lm_hidden_size(s.cfg), s.device, s.media_threads),
+                        lm.bind(s.cfg, s.run_dir, s.device, s.threads))
+
+
+def bind_ingress(s: AppSettings, speech, vision, lm):
+    """The Ingress deployment bound to Speech, Vision and LanguageModel: bound deployments of this graph, or
+    handles to those of another running application (a second front door sharing the model replicas)."""
+    serving = s.cfg.serving
+    ingress = serve.deployment(servable_ingress(), name="Ingress", ray_actor_options={"num_cpus": s.ingress_cpus},
+                               max_ongoing_requests=serving.max_ongoing_requests,
+                               max_queued_requests=serving.max_queued_requests,
+                               backpressure_config={"retry_after_s": RETRY_AFTER_S})
+    return ingress.bind(speech, vision, lm, ingress_settings(s), OVERLOAD_ERRORS)
+
+
+def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None):
+    """The application builder for `serve run serve_app:build_app key=value ...` and Serve config files."""
+    settings = resolve_settings(args, env)
+    print(f"[serve_app] preset {settings.cfg.name}; {settings.run_note}"
+          f"{'; API key required' if settings.api_key else ''}", flush=True)
+    return build_graph(settings)
+
+
+def http_options(cfg: TrimodalConfig) -> HTTPOptions:
+    """Serve's proxy options from the config: host (127.0.0.1 unless configured), port, a backstop timeout.
+
+    The ingress enforces serving.request_timeout_s itself (504); the proxy's later timeout (408) is a backstop.
+    """
+    serving = cfg.serving
+    return HTTPOptions(host=serving.host, port=serving.port, request_timeout_s=serving.request_timeout_s + 30)

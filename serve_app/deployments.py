@@ -1,0 +1,252 @@
+"""The serving graph's model deployments as plain classes: Speech (Whisper), Vision (CLIP tower + projector) and
+LanguageModel (LM + the run's LoRA adapter). No Ray import: `serve_app.app` turns them into Serve deployments.
+
+Each class names its batchable methods in `BATCHED` ({single-item method: list method}). Plain, the single
+method runs a batch of one; the builder routes it through `serve.batch` instead, so concurrent calls share one
+forward pass. The LanguageModel decodes a batch with the KV cache in a worker thread and streams per-step
+deltas; a caller that goes away (client disconnect) marks its row cancelled and the decoder drops it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+import numpy as np
+import torch
+from PIL import Image
+
+from trimodal.config import TrimodalConfig
+from trimodal.inference.engine import Delta, ImageEncoder, Prompt, TextGenerator
+from trimodal.inference.generation import SamplingParams
+from trimodal.models.chat import Turn
+
+log = logging.getLogger("trimodal.serve")
+
+
+def set_threads(threads: int | None) -> None:
+    """Bound torch's intra-op threads in this replica (None: leave torch's default)."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+async def run_batch_of_one(batch_method, item) -> Any:
+    """Call a list method with one item and unwrap its single result."""
+    return (await batch_method([item]))[0]
+
+
+class Speech:
+    """Whisper transcription of decoded 16 kHz clips."""
+
+    BATCHED = {"transcribe": "transcribe_batch"}
+
+    def __init__(self, cfg: TrimodalConfig, device: str = "cpu", threads: int | None = None):
+        from trimodal.models.bundle import load_speech
+
+        set_threads(threads)
+        self.source = cfg.model.speech.source
+        self.model = load_speech(cfg.model.speech, device)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
+
+    async def transcribe(self, audio: np.ndarray) -> str:
+        """Transcript of one clip ("" for silence)."""
+        return await run_batch_of_one(self.transcribe_batch, audio)
+
+    async def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
+        """Transcripts of several clips, decoded together."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.model.transcribe_batch, audios)
+
+    def describe(self) -> dict:
+        return {"speech": f"{self.source.kind}:{self.source.name}"}
+
+
+class Vision:
+    """Frozen CLIP tower + projector: one PIL image -> LM-space patch embeddings [N, H] (float32 numpy)."""
+
+    BATCHED = {"encode": "encode_batch"}
+
+    def __init__(self, cfg: TrimodalConfig, run_dir: str | None, lm_hidden: int, device: str = "cpu",
+                 threads: int | None = None):
+        from trimodal.models.bundle import load_projector, load_tower_for_run, read_run
+
+        set_threads(threads)
+        run = read_run(run_dir)
+        tower = load_tower_for_run(cfg, run, device)
+        projector, trained = load_projector(run, tower.info.hidden_size, lm_hidden, cfg.model.projector_seed)
+        self.encoder = ImageEncoder(tower, projector.to(device), trained)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
+
+    async def encode(self, image: Image.Image) -> np.ndarray:
+        """Embeddings [N, H] of one image."""
+        return await run_batch_of_one(self.encode_batch, image)
+
+    async def encode_batch(self, images: list[Image.Image]) -> list[np.ndarray]:
+        """Embeddings of several images in one forward pass."""
+        loop = asyncio.get_running_loop()
+        embeds = await loop.run_in_executor(self._executor, self._encode, images)
+        return list(embeds)
+
+    def _encode(self, images: list[Image.Image]) -> np.ndarray:
+        return self.encoder(images).float().cpu().numpy()  # [n, N, H]
+
+    def describe(self) -> dict:
+        info = self.encoder.tower.info
+        return {"vision_tower": info.model_id, "vision_tower_untrained": info.untrained,
+                "projector_trained": self.encoder.trained, "num_patches": info.num_patches,
+                "image_size": info.image_size}
+
+
+@dataclass
+class GenerationRequest:
+    """What the ingress sends the LanguageModel: rendered turns, image embeddings in marker order, sampling."""
+
+    turns: list[Turn]
+    image_embeds: list[np.ndarray]
+    params: SamplingParams
+    transcripts: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Job:
+    """One row of a decoding batch; `cancelled` is set when its caller goes away."""
+
+    prompt: Prompt
+    params: SamplingParams
+    cancelled: bool = False
+    finished: bool = False
+
+
+class CancelSet(set):
+    """The `cancelled` set TextGenerator.stream reads: explicit rows plus rows whose Job was cancelled."""
+
+    def __init__(self, jobs: list[Job]):
+        super().__init__()
+        self.jobs = jobs
+
+    def __contains__(self, row: object) -> bool:
+        return set.__contains__(self, row) or (isinstance(row, int) and self.jobs[row].cancelled)
+
+
+_END = object()
+
+
+class LanguageModel:
+    """The LM + tokenizer: prompts are tokenised per request, then decoded in dynamic batches with a KV cache."""
+
+    BATCHED = {"decode": "decode_batch"}
+
+    def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None):
+        from trimodal.models.bundle import load_lm_for_run, read_run
+
+        set_threads(threads)
+        run = read_run(run_dir)
+        lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
+        self.generator = TextGenerator(lm, tokenizer, end_id, max_length=cfg.data.max_length * 8)
+        self.info = {"language_model": f"{cfg.model.language_model.source.kind}:"
+                                       f"{cfg.model.language_model.source.name}",
+                     "adapter": run.has_adapter, "dtype": cfg.model.language_model.dtype}
+        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+    def stats(self) -> dict:
+        """Counters: requests, batches decoded, the largest batch, rows cancelled by their caller, rows active."""
+        return dict(self.counters)
+
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Tokenise the turns (ValueError for a prompt over the length limit)."""
+        embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None
+        num_patches = embeds.shape[1] if embeds is not None else 0
+        ids = self.generator.encode(request.turns, num_patches)
+        return Prompt(ids, embeds, list(request.transcripts))
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[dict]:
+        """Stream dicts: first {"prompt_tokens"} (or {"error"}), then {"text", "finish_reason", "completion_tokens"}.
+
+        The last dict has a finish_reason. If the caller stops iterating early, the row is cancelled.
+        """
+        try:
+            prompt = self.prepare(request)
+        except ValueError as exc:
+            yield {"error": str(exc)}
+            return
+        yield {"prompt_tokens": len(prompt.input_ids)}
+        job = Job(prompt, request.params)
+        self.counters["requests"] += 1
+        self.counters["active"] += 1
+        try:
+            async for deltas in self.decode(job):  # runs to its end, so serve.batch leaves no future behind
+                if deltas and not job.finished:
+                    out = merge_deltas(deltas)
+                    job.finished = out["finish_reason"] is not None
+                    yield out
+        finally:
+            self.counters["active"] -= 1
+            if not job.finished:
+                job.cancelled = True
+                self.counters["cancelled"] += 1
+
+    async def decode(self, job: Job) -> AsyncIterator[list[Delta]]:
+        """The deltas of one job, step by step (plain: a batch of one; served: through serve.batch)."""
+        async for results in self.decode_batch([job]):
+            if results[0] is StopIteration:
+                return
+            yield results[0]
+
+    async def decode_batch(self, jobs: list[Job]) -> AsyncIterator[list]:
+        """Decode jobs together; yield, per step, one entry per job: its new deltas or StopIteration once done."""
+        self.counters["batches"] += 1
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(jobs))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancelled = CancelSet(jobs)
+        worker = loop.run_in_executor(self._executor, self._decode_thread, jobs, cancelled, loop, queue)
+        done = [False] * len(jobs)
+        ended = False
+        try:
+            while not ended:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                ended = _END in items
+                per_row: list[list[Delta]] = [[] for _ in jobs]
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if isinstance(item, Delta):
+                        per_row[item.row].append(item)
+                yield [StopIteration if done[i] or jobs[i].cancelled else per_row[i] for i in range(len(jobs))]
+                for i, deltas in enumerate(per_row):
+                    done[i] = done[i] or jobs[i].cancelled or any(d.finish_reason for d in deltas)
+        finally:
+            if not ended:  # our consumer went away: stop every row, then let the thread finish
+                for job in jobs:
+                    job.cancelled = True
+            await asyncio.shield(worker)
+
+    def _decode_thread(self, jobs: list[Job], cancelled: CancelSet, loop: asyncio.AbstractEventLoop,
+                       queue: asyncio.Queue) -> None:
+        """Run TextGenerator.stream and hand every delta (or the error) to the event loop."""
+        try:
+            prompts, params = [j.prompt for j in jobs], [j.params for j in jobs]
+            for delta in self.generator.stream(prompts, params, cancelled):
+                loop.call_soon_threadsafe(queue.put_nowait, delta)
+        except BaseException as exc:  # surfaced to every caller of the batch
+            log.exception("decoding a batch of %d failed", len(jobs))
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        finally:
+            loop.call_soon_threadsafe(queue.put_nowait, _END)
+
+
+def merge_deltas(deltas: list[Delta]) -> dict:
+    """Several deltas of one row (one step's worth) -> one message."""
+    last = deltas[-1]
+    return {"text": "".join(d.text for d in deltas), "finish_reason": last.finish_reason,
+            "completion_tokens": last.completion_tokens}
+

@@ -1,0 +1,361 @@
+"""The HTTP ingress as a plain class: an OpenAI-compatible API and the web page, on Starlette. No Ray import.
+
+A chat request is read with a size cap, validated (JSON, sampling fields, messages and media, all cheap and
+in a worker thread), then its audio clips are transcribed and its images encoded concurrently by the Speech
+and Vision deployments, and the answer is streamed from the LanguageModel. Every refusal is an OpenAI-shaped
+JSON error; overload (the handle's queue is full) is a 503 with Retry-After; a request past its deadline is a
+504 (or, mid-stream, an error event); a client that goes away cancels its row in the LanguageModel.
+
+The three model deployments arrive as DeploymentHandles (or `LocalHandle`s wrapping plain objects in tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from PIL import Image
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from trimodal.inference.media_fetch import MediaFetcher
+from trimodal.inference.messages import MediaLimits, ParsedRequest, RequestError, parse_messages
+from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, RequestLimits, bad_request,
+                                           chunk_object, completion_object, error_body, models_object,
+                                           parse_chat_request, parse_json_body, sse_event, usage_object)
+
+from serve_app.deployments import GenerationRequest
+
+log = logging.getLogger("trimodal.serve")
+STATIC_DIR = Path(__file__).parent / "static"
+STATIC_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8"}
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; media-src 'self' blob:; "
+                                           "connect-src 'self'; object-src 'none'; base-uri 'none'",
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}
+
+
+@dataclass
+class IngressSettings:
+    """Everything the ingress needs, resolved once by the builder (env vars included)."""
+
+    model_id: str
+    """The id /v1/models reports and responses carry."""
+    limits: RequestLimits
+    media: MediaLimits
+    max_body_bytes: int
+    request_timeout_s: float
+    preset: str = "custom"
+    run_dir: str | None = None
+    api_key: str | None = None
+    """Bearer key guarding every route but /healthz (None: open)."""
+    allowed_media_domains: tuple[str, ...] = ()
+    """Hosts remote image URLs may come from (empty: remote URLs refused)."""
+    fetch_timeout_s: float = 10.0
+    retry_after_s: int = 1
+    """Retry-After seconds on a 503."""
+    run_note: str = ""
+    """How the run was chosen (for /v1/models)."""
+    details: dict = field(default_factory=dict)
+
+
+def shrink_image(image: Image.Image, size: int) -> Image.Image:
+    """Resize so the shortest side is `size` when it is longer, exactly as the CLIP preprocessing would.
+
+    The tower then skips its own resize and only centre-crops, so the embeddings are unchanged while far
+    fewer pixels travel to the Vision deployment.
+    """
+    w, h = image.size
+    if min(w, h) <= size:
+        return image
+    scale = size / min(w, h)
+    return image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
+
+
+def supplied_key(header: str) -> str:
+    """The key in an Authorization header: `Bearer KEY`, or the password of `Basic base64(user:KEY)`."""
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return ""
+    return ""
+
+
+def json_error(err: ApiError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+class Ingress:
+    """Routes: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET / (+ /static/*)."""
+
+    def __init__(self, speech, vision, lm, settings: IngressSettings,
+                 overload_errors: tuple[type[BaseException], ...] = ()):
+        self.speech = speech
+        self.vision = vision
+        self.lm = lm
+        self.lm_stream = lm.options(stream=True)
+        self.settings = settings
+        self.overload_errors = tuple(overload_errors)
+        self.created = int(time.time())
+        self.fetcher = (MediaFetcher(settings.allowed_media_domains, settings.max_body_bytes,
+                                     settings.fetch_timeout_s) if settings.allowed_media_domains else None)
+        self.static = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.suffix in STATIC_TYPES}
+        self._info: dict | None = None
+
+    def asgi_app(self) -> Starlette:
+        """The Starlette app serving every route."""
+        routes = [Route("/healthz", self.healthz, methods=["GET"]),
+                  Route("/", self._guard(self.page, browser=True), methods=["GET"]),
+                  Route("/static/{name}", self._guard(self.static_file, browser=True), methods=["GET"]),
+                  Route("/v1/models", self._guard(self.models), methods=["GET"]),
+                  Route("/v1/chat/completions", self._guard(self.chat_completions), methods=["POST"])]
+        handlers = {404: self._http_error, 405: self._http_error}
+        return Starlette(routes=routes, exception_handlers=handlers)
+
+    # -- plumbing -----------------------------------------------------------------------------------------------
+
+    def authorized(self, request: Request) -> bool:
+        """True when no key is set, or the request carries it (Bearer, or Basic auth's password)."""
+        key = self.settings.api_key
+        if not key:
+            return True
+        return hmac.compare_digest(supplied_key(request.headers.get("authorization", "")).encode(), key.encode())
+
+    def _guard(self, handler: Callable[[Request], Awaitable[Response]], browser: bool = False):
+        """Check the key, then turn ApiErrors and unexpected failures into OpenAI-shaped JSON errors."""
+        async def guarded(request: Request) -> Response:
+            if not self.authorized(request):
+                challenge = 'Basic realm="trimodal", charset="UTF-8"' if browser else "Bearer"
+                return json_error(ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
+                                           code="invalid_api_key", headers={"WWW-Authenticate": challenge}))
+            try:
+                return await handler(request)
+            except ApiError as err:
+                return json_error(err)
+            except self.overload_errors:
+                return json_error(self._overloaded())
+            except Exception:
+                log.exception("request to %s failed", request.url.path)
+                return json_error(ApiError(500, "internal server error", kind="server_error"))
+        return guarded
+
+    async def _http_error(self, request: Request, exc: HTTPException) -> Response:
+        message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
+        return json_error(ApiError(exc.status_code, message, code="not_found" if exc.status_code == 404 else None))
+
+    def _overloaded(self) -> ApiError:
+        return ApiError(503, "the server is overloaded; retry later", kind="server_error", code="overloaded",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    def _timed_out(self) -> ApiError:
+        return ApiError(504, f"the request took longer than {self.settings.request_timeout_s:g} s",
+                        kind="server_error", code="timeout")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 past max_body_bytes (by Content-Length, and by counting what arrives)."""
+        limit = self.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and not declared.isdigit():
+            raise bad_request(f"Content-Length {declared!r} is not a number")
+        if declared is not None and int(declared) > limit:
+            raise ApiError(413, f"the request body is {declared} bytes, over the limit of {limit}",
+                           code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is over the limit of {limit} bytes", code="body_too_large")
+        return bytes(body)
+
+    async def model_info(self) -> dict:
+        """What is loaded (asked of the deployments once, then cached)."""
+        if self._info is None:
+            parts = await asyncio.gather(self.speech.describe.remote(), self.vision.describe.remote(),
+                                         self.lm.describe.remote())
+            info = {"preset": self.settings.preset, "run": self.settings.run_dir, **self.settings.details}
+            for part in parts:
+                info.update(part)
+            info["note"] = self._note(info)
+            self._info = info
+        return self._info
+
+    def _note(self, info: dict) -> str:
+        notes = [self.settings.run_note] if self.settings.run_note else []
+        if not info.get("projector_trained"):
+            notes.append("the image projector is UNTRAINED (no finished training run): image answers are noise")
+        if info.get("vision_tower_untrained"):
+            notes.append("the vision tower is UNTRAINED (random weights)")
+        return "; ".join(notes)
+
+    # -- routes -------------------------------------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def page(self, request: Request) -> Response:
+        return Response(self.static["index.html"], media_type=STATIC_TYPES[".html"], headers=PAGE_HEADERS)
+
+    async def static_file(self, request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in self.static or name == "index.html":
+            raise ApiError(404, f"no static file {name!r}", code="not_found")
+        return Response(self.static[name], media_type=STATIC_TYPES[Path(name).suffix], headers=PAGE_HEADERS)
+
+    async def models(self, request: Request) -> Response:
+        return JSONResponse(models_object(self.settings.model_id, self.created, await self.model_info()))
+
+    async def chat_completions(self, request: Request) -> Response:
+        """Validate, transcribe and encode media concurrently, then answer whole or as server-sent events."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        chat = parse_chat_request(parse_json_body(await self.read_body(request)), self.settings.limits)
+        image_size = (await self.model_info())["image_size"]
+        parsed = await asyncio.to_thread(self.parse_messages, chat.messages, image_size)
+        gen_request = await self._with_deadline(self.encode_media(parsed, chat), deadline)
+        stream = self.lm_stream.generate.remote(gen_request)
+        try:
+            first = await self._with_deadline(anext(stream), deadline)
+            if "error" in first:
+                raise bad_request(first["error"], "messages", "context_length_exceeded")
+            if chat.stream:
+                return StreamingResponse(self.sse(chat, stream, first, deadline), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return JSONResponse(await self._with_deadline(self.collect(chat, stream, first, gen_request), deadline))
+        except BaseException:
+            stream.cancel()
+            raise
+
+    # -- the chat pipeline --------------------------------------------------------------------------------------
+
+    async def _with_deadline(self, awaitable: Awaitable, deadline: float) -> Any:
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await awaitable
+        except TimeoutError:
+            raise self._timed_out() from None
+
+    def parse_messages(self, messages: Any, image_size: int) -> ParsedRequest:
+        """Validate messages, decode media (worker thread) and shrink images to what the tower needs."""
+        try:
+            parsed = parse_messages(messages, self.settings.media, self.fetcher)
+        except RequestError as exc:
+            raise bad_request(str(exc), exc.param) from None
+        parsed.images = [shrink_image(img, image_size) for img in parsed.images]
+        return parsed
+
+    async def encode_media(self, parsed: ParsedRequest, chat: ChatRequest) -> GenerationRequest:
+        """Transcribe every clip and encode every image, all at once; then render the turns."""
+        calls = [self.speech.transcribe.remote(a) for a in parsed.audios]
+        calls += [self.vision.encode.remote(img) for img in parsed.images]
+        try:
+            results = await asyncio.gather(*calls)
+        except BaseException:
+            for call in calls:
+                call.cancel()
+            raise
+        transcripts = list(results[:len(parsed.audios)])
+        embeds = list(results[len(parsed.audios):])
+        return GenerationRequest(parsed.turns(transcripts), embeds, chat.params, transcripts)
+
+    async def collect(self, chat: ChatRequest, stream, first: dict, gen_request: GenerationRequest) -> dict:
+        """A whole (non-streaming) answer."""
+        text, last = [], {"finish_reason": "stop", "completion_tokens": 0}
+        async for item in stream:
+            text.append(item["text"])
+            last = item
+            if item["finish_reason"]:
+                break
+        body = completion_object(chat.request_id, self.settings.model_id, "".join(text), last["finish_reason"],
+                                 first["prompt_tokens"], last["completion_tokens"])
+        if gen_request.transcripts:
+            body["transcripts"] = gen_request.transcripts
+        return body
+
+    async def sse(self, chat: ChatRequest, stream, first: dict, deadline: float) -> AsyncIterator[bytes]:
+        """Server-sent chunks: the role, the text deltas, the finish reason, usage if asked, then [DONE]."""
+        rid, model, created = chat.request_id, self.settings.model_id, int(time.time())
+        finished = False
+        try:
+            yield sse_event(chunk_object(rid, model, created, {"role": "assistant", "content": ""}))
+            item = {"completion_tokens": 0}
+            while not finished:
+                item = await self._with_deadline(anext(stream), deadline)
+                if item["text"]:
+                    yield sse_event(chunk_object(rid, model, created, {"content": item["text"]}))
+                finished = item["finish_reason"] is not None
+            yield sse_event(chunk_object(rid, model, created, {}, item["finish_reason"]))
+            if chat.include_usage:
+                usage = usage_object(first["prompt_tokens"], item["completion_tokens"])
+                yield sse_event(chunk_object(rid, model, created, usage=usage))
+        except (ApiError, StopAsyncIteration) as err:
+            message = err.message if isinstance(err, ApiError) else "the answer ended without a finish reason"
+            yield sse_event(error_body(message, "server_error", code=getattr(err, "code", None)))
+        except Exception:
+            log.exception("streaming %s failed", rid)
+            yield sse_event(error_body("internal server error while streaming", "server_error"))
+        finally:
+            if not finished:
+                stream.cancel()
+        yield SSE_DONE
+
+
+class LocalHandle:
+    """A plain object with the call shape of a DeploymentHandle (`h.method.remote(...)`, `.options(stream=True)`).
+
+    Lets the Ingress drive plain deployment objects in one process (unit tests, no Serve).
+    """
+
+    def __init__(self, target: Any, stream: bool = False):
+        self._target = target
+        self._stream = stream
+
+    def options(self, stream: bool = False, **_: Any) -> "LocalHandle":
+        return LocalHandle(self._target, stream)
+
+    def __getattr__(self, name: str) -> "_LocalMethod":
+        return _LocalMethod(getattr(self._target, name), self._stream)
+
+
+class _LocalMethod:
+    def __init__(self, method: Callable, stream: bool):
+        self.method = method
+        self.stream = stream
+
+    def remote(self, *args: Any, **kwargs: Any):
+        if self.stream:
+            return _LocalStream(self.method(*args, **kwargs))
+        return asyncio.ensure_future(_resolve(self.method(*args, **kwargs)))
+
+
+async def _resolve(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class _LocalStream:
+    """An async generator with DeploymentResponseGenerator's `cancel()`."""
+
+    def __init__(self, gen: AsyncIterator):
+        self._gen = gen
+
+    def __aiter__(self) -> "_LocalStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        return await self._gen.__anext__()
+
+    def cancel(self) -> None:
+        asyncio.ensure_future(self._gen.aclose())
