@@ -12,7 +12,10 @@ def ask(client: OpenAI, title: str, content) -> None:
     start = time.perf_counter()
     reply = client.chat.completions.create(model="trimodal", max_tokens=48, temperature=0.0,
                                            messages=[{"role": "user", "content": content}])
-    print(f"\n[{title}] ({time.perf_counter() - start:.1f} s)\n  {reply.choices[0].message.content.strip()}")
+    print(f"\n[{title}] ({time.perf_counter() - start:.1f} s)")
+    for transcript in (reply.model_extra or {}).get("transcripts", []):  # trimodal adds what the audio said
+        print(f"  transcript used: {transcript!r}")
+    print(f"  {reply.choices[0].message.content.strip()}")
 
 
 def held_out_image_with_one_circle(shapes: Path) -> Path:
