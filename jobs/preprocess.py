@@ -18,6 +18,7 @@ import argparse
 import sys
 from dataclasses import replace
 
+from trimodal.cli import init_ray
 from trimodal.config import ConfigError, load_config, preset_names
 from trimodal.data.formats import AnnotationError
 from trimodal.data.preprocess import (PipelineOptions, PreprocessError, build_plan, default_cpus_per_encoder,
@@ -48,25 +49,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _connect(address: str | None) -> float:
-    """Attach to `address`, else to RAY_ADDRESS (set by `ray job submit`) or the cluster `ray start` left
-    running; with none of those (or address "local"), start a local instance bound to 127.0.0.1. Returns the
-    cluster's CPU count."""
-    import ray
-
-    if address is None:
-        try:
-            ray.init(address="auto")  # RAY_ADDRESS, else the cluster `ray start` recorded
-            return float(ray.cluster_resources().get("CPU", 1))
-        except ConnectionError:
-            address = "local"
-    if address == "local":
-        ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
-    else:
-        ray.init(address=address)
-    return float(ray.cluster_resources().get("CPU", 1))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -76,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=cfg.data.preprocess_batch_size if args.batch_size is None else args.batch_size,
             encoders=cfg.data.encoders if args.encoders is None else args.encoders,
             gpus_per_encoder=args.gpus_per_encoder).validate()
-        cpus = default_cpus_per_encoder(_connect(args.address), opts.encoders, opts.gpus_per_encoder)
+        cpus = default_cpus_per_encoder(init_ray(args.address), opts.encoders, opts.gpus_per_encoder)
         opts = replace(opts, cpus_per_encoder=cpus)
         manifest = run_preprocess(plan, cfg.model.vision, args.out, opts, vision_dir=args.vision)
     except (AnnotationError, PreprocessError, ConfigError) as e:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -42,17 +41,22 @@ def load_job_config(args: argparse.Namespace, stage: int | None = None) -> Trimo
                                 checkpoint_every=args.checkpoint_every)
 
 
-def init_ray() -> None:
-    """Attach to the running cluster under `ray job submit` (RAY_ADDRESS), else start a local one on 127.0.0.1."""
+def init_ray(address: str | None = None) -> float:
+    """Attach to `address`, else to RAY_ADDRESS (set by `ray job submit`) or the cluster `ray start` left running;
+    with none of those (or address "local"), start a local instance bound to 127.0.0.1. Returns the cluster's CPUs."""
     import ray
 
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        ray.init(address=address)
-    else:
-        ray.init(address="local", include_dashboard=False)
+    if not ray.is_initialized():
+        if address is None:
+            try:
+                ray.init(address="auto")
+            except ConnectionError:
+                address = "local"
+        if address == "local":
+            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+        elif address is not None:
+            ray.init(address=address)
+    return float(ray.cluster_resources().get("CPU", 1))
 
 
 def run_job(job: Callable[[], None]) -> int:

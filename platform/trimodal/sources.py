@@ -141,14 +141,10 @@ def _convert_packaged(name: str, cache_dir: Path) -> Path:
         return atomic_build(out_dir, lambda tmp: _convert_gguf_lm(paths[0], tmp))
     from trimodal.models.whisper_convert import convert_ct2_whisper
 
-    def build(tmp: Path) -> None:
-        # convert_ct2_whisper writes its own directory atomically; build into a child and flatten.
-        convert_ct2_whisper(paths, tmp / "w")
-        for item in (tmp / "w").iterdir():
-            item.rename(tmp / item.name)
-        (tmp / "w").rmdir()
-
-    return atomic_build(out_dir, build)
+    if not (out_dir / ".complete").exists():
+        convert_ct2_whisper(paths, out_dir)  # writes its directory atomically
+        (out_dir / ".complete").write_text("ok\n")
+    return out_dir
 
 
 def resolve_source(source: ModelSource, cache_dir: Path | None = None) -> Path:
