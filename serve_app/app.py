@@ -20,7 +20,8 @@ from typing import Any, Mapping
 
 from ray import serve
 from ray.serve.config import HTTPOptions
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from trimodal.config import TrimodalConfig
 
@@ -35,6 +36,9 @@ GPU_SHARE = {"Speech": 0.1, "Vision": 0.1, "LanguageModel": 0.6}
 RETRY_AFTER_S = 1
 OVERLOAD_ERRORS = (BackPressureError, DeploymentUnavailableError)
 """What a handle call raises when a deployment cannot take the request: the ingress answers 503 + Retry-After."""
+UNAVAILABLE_ERRORS = (RayActorError, ReplicaUnavailableError)
+"""What a handle call raises when the replica serving it died (ActorDiedError, ActorUnavailableError): the ingress
+answers 503 + Retry-After while Serve starts a replacement."""
 
 
 def with_batching(cls: type, max_batch_size: int, wait_s: float) -> type:
@@ -103,7 +107,7 @@ def bind_ingress(s: AppSettings, speech, vision, lm):
                                max_ongoing_requests=serving.max_ongoing_requests,
                                max_queued_requests=serving.max_queued_requests,
                                backpressure_config={"retry_after_s": RETRY_AFTER_S})
-    return ingress.bind(speech, vision, lm, ingress_settings(s), OVERLOAD_ERRORS)
+    return ingress.bind(speech, vision, lm, ingress_settings(s), OVERLOAD_ERRORS, UNAVAILABLE_ERRORS)
 
 
 def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None):

@@ -3,8 +3,9 @@
 A chat request is read with a size cap, validated (JSON, sampling fields, messages and media, all cheap and
 in a worker thread), then its audio clips are transcribed and its images encoded concurrently by the Speech
 and Vision deployments, and the answer is streamed from the LanguageModel. Every refusal is an OpenAI-shaped
-JSON error; overload (the handle's queue is full) is a 503 with Retry-After; a request past its deadline is a
-504 (or, mid-stream, an error event); a client that goes away cancels its row in the LanguageModel.
+JSON error; overload (the handle's queue is full) and a model replica that died under the request (Serve starts
+a new one) are 503s with Retry-After; a request past its deadline is a 504 (or, mid-stream, an error event); a
+client that goes away cancels its row in the LanguageModel.
 
 The three model deployments arrive as DeploymentHandles (or `LocalHandle`s wrapping plain objects in tests).
 """
@@ -104,13 +105,15 @@ class Ingress:
     """Routes: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET / (+ /static/*)."""
 
     def __init__(self, speech, vision, lm, settings: IngressSettings,
-                 overload_errors: tuple[type[BaseException], ...] = ()):
+                 overload_errors: tuple[type[BaseException], ...] = (),
+                 unavailable_errors: tuple[type[BaseException], ...] = ()):
         self.speech = speech
         self.vision = vision
         self.lm = lm
         self.lm_stream = lm.options(stream=True)
         self.settings = settings
         self.overload_errors = tuple(overload_errors)
+        self.unavailable_errors = tuple(unavailable_errors)
         self.created = int(time.time())
         self.fetcher = (MediaFetcher(settings.allowed_media_domains, settings.max_body_bytes,
                                      settings.fetch_timeout_s) if settings.allowed_media_domains else None)
@@ -149,6 +152,9 @@ class Ingress:
                 return json_error(err)
             except self.overload_errors:
                 return json_error(self._overloaded())
+            except self.unavailable_errors as exc:
+                log.warning("request to %s failed: a model replica died (%s)", request.url.path, type(exc).__name__)
+                return json_error(self._unavailable())
             except Exception:
                 log.exception("request to %s failed", request.url.path)
                 return json_error(ApiError(500, "internal server error", kind="server_error"))
@@ -160,6 +166,11 @@ class Ingress:
 
     def _overloaded(self) -> ApiError:
         return ApiError(503, "the server is overloaded; retry later", kind="server_error", code="overloaded",
+                        headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    def _unavailable(self) -> ApiError:
+        return ApiError(503, "a model replica stopped while serving this request and is being replaced; retry",
+                        kind="server_error", code="model_unavailable",
                         headers={"Retry-After": str(self.settings.retry_after_s)})
 
     def _timed_out(self) -> ApiError:
@@ -304,6 +315,9 @@ class Ingress:
         except (ApiError, StopAsyncIteration) as err:
             message = err.message if isinstance(err, ApiError) else "the answer ended without a finish reason"
             yield sse_event(error_body(message, "server_error", code=getattr(err, "code", None)))
+        except self.unavailable_errors:
+            log.warning("streaming %s failed: the LanguageModel replica died", rid)
+            yield sse_event(self._unavailable().body())
         except Exception:
             log.exception("streaming %s failed", rid)
             yield sse_event(error_body("internal server error while streaming", "server_error"))

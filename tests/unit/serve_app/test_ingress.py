@@ -27,6 +27,10 @@ class Overloaded(Exception):
     """Stands in for Serve's BackPressureError."""
 
 
+class ReplicaDied(Exception):
+    """Stands in for Ray's ActorDiedError (the replica serving the call was killed)."""
+
+
 @pytest.fixture(scope="module")
 def parts(test_cfg):
     hidden = test_cfg.model.language_model.random_shape.hidden_size
@@ -38,7 +42,8 @@ def _client(test_cfg, parts, api_key=None, timeout_s=30.0, lm=None, speech=None,
     settings.request_timeout_s = timeout_s
     settings.max_body_bytes = max_body or settings.max_body_bytes
     sp, vi, model = parts
-    ingress = Ingress(LocalHandle(speech or sp), LocalHandle(vi), LocalHandle(lm or model), settings, (Overloaded,))
+    ingress = Ingress(LocalHandle(speech or sp), LocalHandle(vi), LocalHandle(lm or model), settings, (Overloaded,),
+                      (ReplicaDied,))
     return TestClient(ingress.asgi_app())
 
 
@@ -147,6 +152,30 @@ def test_overload_is_503_with_retry_after(test_cfg, parts):
     response = _client(test_cfg, parts, lm=OverloadedLM()).post("/v1/chat/completions", json=ASK)
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == "overloaded"
+
+
+class DyingLM(OverloadedLM):
+    """A LanguageModel whose replica dies before answering, or (after_first) once the answer has started."""
+
+    def __init__(self, after_first: bool = False):
+        self.after_first = after_first
+
+    async def generate(self, request):
+        if self.after_first:
+            yield {"prompt_tokens": 3}
+            yield {"text": "a", "finish_reason": None, "completion_tokens": 1}
+        raise ReplicaDied("The actor died unexpectedly before finishing this task.")
+
+
+def test_a_dead_replica_is_503_with_retry_after_and_an_error_event_mid_stream(test_cfg, parts):
+    response = _client(test_cfg, parts, lm=DyingLM()).post("/v1/chat/completions", json=ASK)
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    error = response.json()["error"]
+    assert error["code"] == "model_unavailable" and error["type"] == "server_error" and "retry" in error["message"]
+    events = _events(_client(test_cfg, parts, lm=DyingLM(after_first=True)).post(
+        "/v1/chat/completions", json={**ASK, "stream": True}))
+    assert json.loads(events[-2])["error"]["code"] == "model_unavailable" and events[-1] == "[DONE]"
+    assert _client(test_cfg, parts).post("/v1/chat/completions", json=ASK).status_code == 200
 
 
 def test_deadline_is_504_before_the_answer_and_an_error_event_during_it(test_cfg, parts):
