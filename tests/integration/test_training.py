@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from trimodal.config import load_config
+from trimodal.training.metrics import read_attempts
 
 pytestmark = pytest.mark.slow
 
@@ -91,6 +92,7 @@ def test_resume_continues_at_the_next_step_with_the_same_loss(data_dir, stage1_r
     with pytest.raises(RunExistsError, match="--resume"):
         run_stage(_cfg(), 1, data_dir, tmp_path)
     run_stage(_cfg(), 1, data_dir, tmp_path, resume=True)
+    assert [a["step"] for a in read_attempts(tmp_path)] == [0, 2]
     resumed, uninterrupted = _losses(tmp_path), _losses(stage1_run)
     assert sorted(resumed) == [1, 2, 3, 4]
     for step in (3, 4):  # same data position, optimizer and scheduler state: same losses (float32 on CPU)
@@ -104,6 +106,8 @@ def test_injected_worker_failure_restarts_from_the_checkpoint(data_dir, tmp_path
     assert (tmp_path / ".injected_failure").read_text() == "3"
     assert json.loads((final / "run.json").read_text())["steps"] == 4
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]  # steps 1-2 from the first attempt, 3-4 after the restart
+    first, restart = read_attempts(tmp_path)
+    assert first["step"] == 0 and restart["step"] == 2  # the new worker group restored the step-2 checkpoint
 
 
 def test_stage1_with_two_ddp_workers(data_dir, tmp_path):

@@ -1,10 +1,14 @@
-"""Run visibility: a progress line every N steps, `metrics.jsonl` and a loss-curve PNG written as the run goes."""
+"""Run visibility: a progress line every N steps, `metrics.jsonl` and a loss-curve PNG written as the run goes,
+and `attempts.jsonl`: one line per worker-group start (step it started at, pid, time), so restarts show."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
+
+ATTEMPTS_FILE = "attempts.jsonl"
 
 
 class MetricsLog:
@@ -26,6 +30,8 @@ class MetricsLog:
         where = f"resuming at step {step}" if step else "starting at step 0"
         print(f"[stage {stage}] trainable params: {trainable:,} || all params: {total:,} || "
               f"trainable%: {100 * trainable / max(total, 1):.4f} | {where} of {total_steps}", flush=True)
+        with (self.run_dir / ATTEMPTS_FILE).open("a") as fh:
+            fh.write(json.dumps({"step": step, "pid": os.getpid(), "time": time.time()}) + "\n")
         if step == 0 and self.path.exists():
             self.path.unlink()  # a fresh run: no stale lines from an earlier one
         self._drop_lines_after(step)
@@ -48,6 +54,12 @@ class MetricsLog:
                   f"{metrics['step_time_s']:.2f}s/step {metrics['tokens_per_s']:.0f} tok/s elapsed {elapsed:.0f}s",
                   flush=True)
             plot_loss(self.path, self.run_dir / "loss.png")
+
+
+def read_attempts(run_dir: Path) -> list[dict]:
+    """The worker-group starts of a run, oldest first: {"step", "pid", "time"} each."""
+    path = Path(run_dir) / ATTEMPTS_FILE
+    return read_metrics(path) if path.exists() else []
 
 
 def read_metrics(path: Path) -> list[dict]:
