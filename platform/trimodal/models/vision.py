@@ -51,14 +51,26 @@ def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
     return (batch - mean) / std
 
 
+MAX_RESIZE_FACTOR = 4
+"""Past this many times size x size pixels, the full resize is skipped and only the crop box is resampled."""
+
+
 def resize_crop(img: Image.Image, size: int) -> np.ndarray:
-    """RGB image -> uint8 [size, size, 3]: shortest side to `size` (bicubic), centre crop."""
+    """RGB image -> uint8 [size, size, 3]: shortest side to `size` (bicubic), centre crop.
+
+    An extreme aspect ratio (a 1 x 4,000,000 image would resize to 64 x 256,000,000) never builds the whole
+    resized image: past MAX_RESIZE_FACTOR x size^2 pixels only the source region under the crop is resampled.
+    """
     w, h = img.size
     scale = size / min(w, h)
     new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    if new_w * new_h > MAX_RESIZE_FACTOR * size * size:
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return np.asarray(img.resize((size, size), Image.BICUBIC, box=box), dtype=np.uint8)
     if (new_w, new_h) != (w, h):
         img = img.resize((new_w, new_h), Image.BICUBIC)
-    left, top = (new_w - size) // 2, (new_h - size) // 2
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
