@@ -69,3 +69,30 @@ def test_too_many_images():
     parts = [_image_part(_png())] * 3
     with pytest.raises(RequestError, match="at most 2"):
         parse_messages([{"role": "user", "content": parts}], MediaLimits(max_images=2))
+
+
+def _saved(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_a_crafted_file_whose_decoder_raises_an_unexpected_error_is_a_request_error():
+    dds = bytearray(_saved(Image.new("RGB", (4, 4)), "DDS"))
+    dds[80:84] = b"\0\0\0\0"  # pixel format flags 0: Pillow's DDS plugin raised NotImplementedError (a 500)
+    with pytest.raises(RequestError, match="not a readable image"):
+        decode_image(bytes(dds), max_pixels=1 << 20)
+
+
+@pytest.mark.parametrize("fmt", ["DDS", "TGA", "PCX", "SGI", "ICO"])
+def test_formats_outside_the_allow_list_are_refused_unopened(fmt):
+    data = _saved(Image.new("RGB", (16, 16), (1, 2, 3)), fmt)
+    with pytest.raises(RequestError, match="not a readable image in one of PNG, JPEG"):
+        decode_image(data, max_pixels=1 << 20)
+
+
+@pytest.mark.parametrize("fmt, mode", [("PNG", "I;16"), ("TIFF", "F"), ("TIFF", "I"), ("TIFF", "CMYK"),
+                                       ("WEBP", "RGBA"), ("GIF", "P"), ("BMP", "1"), ("JPEG", "L")])
+def test_allowed_formats_in_any_mode_decode_to_rgb(fmt, mode):
+    image = decode_image(_saved(Image.new(mode, (9, 7)), fmt), max_pixels=1 << 20)
+    assert image.mode == "RGB" and image.size == (9, 7)
