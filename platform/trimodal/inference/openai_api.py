@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 200
 UNSUPPORTED_TRUE = ("logprobs", "parallel_tool_calls")
 UNSUPPORTED_NON_EMPTY = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "modalities")
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate (\\ud800-\\udfff): a pair is an emoji, a lone one is not Unicode."""
 
 
 class ApiError(Exception):
@@ -96,7 +99,19 @@ def parse_json_body(raw: bytes, max_depth: int = MAX_JSON_DEPTH) -> dict:
         raise bad_request(f"the request body must be a JSON object, not {_json_type(body)}", code="invalid_json")
     if json_depth(body) > max_depth:
         raise bad_request(f"the JSON body is nested too deeply (limit {max_depth} levels)", code="invalid_json")
+    if SURROGATE_ESCAPE.search(raw) and not _is_unicode(body):
+        raise bad_request("the JSON body holds a string with an unpaired UTF-16 surrogate escape (\\ud800-\\udfff): "
+                          "it is not valid Unicode", code="invalid_json")
     return body
+
+
+def _is_unicode(body: dict) -> bool:
+    """False when a string or key holds a lone surrogate (tokenizers refuse those)."""
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def json_depth(value: Any) -> int:
@@ -220,8 +235,8 @@ def parse_chat_request(body: dict, limits: RequestLimits) -> ChatRequest:
                             temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
                             top_p=_number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
                             stop=_stop(body), seed=_seed(body))
-    stream = _flag(body, "stream")
-    return ChatRequest(body["messages"], params, stream, stream and _include_usage(body), model)
+    stream, include_usage = _flag(body, "stream"), _include_usage(body)
+    return ChatRequest(body["messages"], params, stream, stream and include_usage, model)
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:

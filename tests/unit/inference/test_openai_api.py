@@ -49,6 +49,7 @@ def test_sampling_fields_are_carried_over():
     ({"stop": [""]}, "stop", "1 to 200 characters"),
     ({"stream": "yes"}, "stream", "true or false"),
     ({"stream": True, "stream_options": []}, "stream_options", "must be an object"),
+    ({"stream_options": "x"}, "stream_options", "must be an object"),
     ({"n": 2}, "n", "n must be 1"),
     ({"logprobs": True}, "logprobs", "not supported"),
     ({"tools": [{"type": "function"}]}, "tools", "not supported"),
@@ -80,11 +81,18 @@ def test_messages_are_required():
     (b"[" * 40 + b"]" * 40, "must be a JSON object"),
     (b'{"a":' + b"[" * 40 + b"]" * 40 + b"}", "nested too deeply"),
     (b'{"a":' + b"[" * 200000 + b"]" * 200000 + b"}", "nested too deeply"),
+    (b'{"messages": [{"role": "user", "content": "caf\\ud800 au lait"}]}', "unpaired UTF-16 surrogate"),
+    (b'{"messages": [], "\\udfff": 1}', "unpaired UTF-16 surrogate"),
 ])
 def test_bad_bodies_are_400(raw, match):
     with pytest.raises(ApiError, match=match) as info:
         parse_json_body(raw)
     assert info.value.status == 400 and info.value.code == "invalid_json"
+
+
+def test_surrogate_pairs_and_escaped_backslashes_are_fine():
+    emoji = parse_json_body(b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00 \\\\ud800"}]}')
+    assert emoji["messages"][0]["content"] == "\U0001F600 \\ud800"
 
 
 def test_json_depth_counts_containers_without_recursion():
