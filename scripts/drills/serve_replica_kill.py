@@ -1,0 +1,182 @@
+"""Fault drill: SIGKILL the LanguageModel replica under steady load over real HTTP; Serve starts a new one.
+
+Phase 1: `--clients` threads send chat completions with the official openai client and no retries for
+`--seconds` (or until 3 s after recovery, if later); after `--kill-after` seconds the LanguageModel replica's
+process (found with the Ray state API) gets SIGKILL. Prints requests sent, succeeded, failed, the status codes
+of the failures, and seconds from the kill until /healthz and a real chat completion answer again.
+Phase 2: the same with the client retrying (openai max_retries, which honours Retry-After): nothing is lost.
+
+    python scripts/drills/serve_replica_kill.py                  # test preset, about a minute on 2 cores
+    python scripts/drills/serve_replica_kill.py --clients 4 --seconds 20 --kill-after 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+from drillkit import actors, local_ray, print_table, start_serve, wait_for
+
+SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1}
+MODEL = "trimodal-test"
+MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
+LM_REPLICA = "ServeReplica:main:LanguageModel"
+
+
+@dataclass
+class Phase:
+    """What one phase of load saw."""
+
+    retries: int
+    sent: int = 0
+    ok: int = 0
+    failures: Counter = field(default_factory=Counter)
+    """Failed requests by status code (or connection/timeout)."""
+    attempts: Counter = field(default_factory=Counter)
+    """Every HTTP response the clients got, retries included, by status code."""
+    retry_after: set = field(default_factory=set)
+    """Retry-After values seen on 503s."""
+    killed_pid: int = 0
+    new_pid: int = 0
+    healthz_s: float | None = None
+    chat_s: float | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def openai_client(url: str, phase: Phase):
+    """An openai client whose every HTTP response (retries too) is counted in `phase.attempts`."""
+    from openai import OpenAI
+
+    def seen(response: httpx.Response) -> None:
+        with phase.lock:
+            phase.attempts[str(response.status_code)] += 1
+            if response.status_code == 503:
+                phase.retry_after.add(response.headers.get("retry-after"))
+
+    http = httpx.Client(timeout=60, event_hooks={"response": [seen]})
+    return OpenAI(base_url=url + "/v1", api_key="unused", max_retries=phase.retries, http_client=http)
+
+
+def one_request(client, phase: Phase) -> None:
+    """Send one chat completion and record its outcome."""
+    import openai
+
+    outcome = None
+    try:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=16)
+    except openai.APIStatusError as exc:
+        outcome = str(exc.status_code)
+    except openai.APITimeoutError:
+        outcome = "timeout"
+    except openai.APIConnectionError:
+        outcome = "connection error"
+    with phase.lock:
+        phase.sent += 1
+        phase.ok += outcome is None
+        if outcome is not None:
+            phase.failures[outcome] += 1
+
+
+def client_loop(url: str, phase: Phase, stop: threading.Event) -> None:
+    """Send requests back to back until told to stop."""
+    client = openai_client(url, phase)
+    while not stop.is_set():
+        one_request(client, phase)
+
+
+def kill_lm_replica() -> int:
+    """SIGKILL the LanguageModel replica's process; returns its pid."""
+    replicas = actors(LM_REPLICA)
+    if len(replicas) != 1:
+        raise RuntimeError(f"expected one live {LM_REPLICA}, found {len(replicas)}")
+    os.kill(replicas[0].pid, signal.SIGKILL)
+    return replicas[0].pid
+
+
+def recovery_times(url: str, killed_at: float, timeout_s: float = 180) -> tuple[float | None, float | None]:
+    """Seconds from the kill until /healthz answers 200, and until a chat completion answers 200."""
+    def healthz() -> float | None:
+        ok = httpx.get(url + "/healthz", timeout=5).status_code == 200
+        return time.monotonic() - killed_at if ok else None
+
+    def chat() -> float | None:
+        body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
+        ok = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
+        return time.monotonic() - killed_at if ok else None
+
+    return wait_for(healthz, timeout_s), wait_for(chat, timeout_s)
+
+
+def run_phase(url: str, clients: int, seconds: float, kill_after: float, retries: int) -> Phase:
+    """Steady load, one replica kill, recovery timing; the load goes on until 3 s after recovery at least."""
+    phase, stop = Phase(retries), threading.Event()
+    threads = [threading.Thread(target=client_loop, args=(url, phase, stop), daemon=True) for _ in range(clients)]
+    start = time.monotonic()
+    for thread in threads:
+        thread.start()
+    time.sleep(kill_after)
+    phase.killed_pid = kill_lm_replica()
+    killed_at = time.monotonic()
+    phase.healthz_s, phase.chat_s = recovery_times(url, killed_at)
+    time.sleep(max(3.0, seconds - (time.monotonic() - start)))
+    stop.set()
+    for thread in threads:
+        thread.join()
+    replacement = wait_for(lambda: [a for a in actors(LM_REPLICA) if a.pid != phase.killed_pid], 60)
+    phase.new_pid = replacement[0].pid if replacement else 0
+    return phase
+
+
+def report(title: str, phase: Phase) -> None:
+    """Print a phase's figures."""
+    codes = ", ".join(f"{code} x{n}" for code, n in sorted(phase.failures.items())) or "none"
+    attempts = ", ".join(f"{code} x{n}" for code, n in sorted(phase.attempts.items()))
+    print_table(title, [
+        ("client retries (openai max_retries)", phase.retries),
+        ("requests sent", phase.sent), ("succeeded", phase.ok), ("failed", phase.sent - phase.ok),
+        ("failures by status", codes), ("HTTP responses incl. retries", attempts),
+        ("Retry-After on 503s", ", ".join(sorted(str(v) for v in phase.retry_after)) or "-"),
+        ("killed LanguageModel pid", phase.killed_pid), ("replacement pid", phase.new_pid or "none"),
+        ("s until /healthz answers", _seconds(phase.healthz_s)),
+        ("s until a chat completion answers", _seconds(phase.chat_s))])
+
+
+def _seconds(value: float | None) -> str:
+    return "never (timed out)" if value is None else f"{value:.1f}"
+
+
+def run_drill(url: str, clients: int, seconds: float, kill_after: float, retries: int = 20) -> tuple[Phase, Phase]:
+    """Both phases against a running server (Ray initialised in this process)."""
+    first = run_phase(url, clients, seconds, kill_after, retries=0)
+    report("phase 1: replica killed, clients without retries", first)
+    second = run_phase(url, clients, seconds, kill_after, retries=retries)
+    report(f"phase 2: replica killed, clients retrying (max_retries={retries})", second)
+    return first, second
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=20.0, help="load per phase (longer if recovery is slow)")
+    parser.add_argument("--kill-after", type=float, default=5.0, help="seconds of load before the kill")
+    args = parser.parse_args()
+    from ray import serve
+
+    with local_ray(num_cpus=4):
+        url = start_serve(SERVE_ARGS)
+        print(f"serving the test preset at {url}; {args.clients} clients, {args.seconds:g} s per phase")
+        try:
+            run_drill(url, args.clients, args.seconds, args.kill_after)
+        finally:
+            serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()
