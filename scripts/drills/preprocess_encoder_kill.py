@@ -120,7 +120,7 @@ def run_drill(work: Path, images: int, kill_after: int) -> PreprocessDrill:
 
 def report(d: PreprocessDrill) -> None:
     """Print the figures."""
-    reasons = "; ".join(f"{i}: {r[:40]}" for i, r in sorted(d.skipped.items()))
+    reasons = [(f"  image {i}: reported as", reason[:72]) for i, reason in sorted(d.skipped.items())]
     print_table("preprocessing: CLIP encoder actor SIGKILLed mid-run", [
         ("images in (good + bad)", f"{len(d.image_ids)} ({len(d.good_ids)} + {len(d.bad)})"),
         ("killed encoder pid", d.killed_pid or "never killed"), ("images received before the kill", d.images_at_kill),
@@ -129,7 +129,7 @@ def report(d: PreprocessDrill) -> None:
         ("embedding rows written", len(d.written_ids)), ("good images missing", d.missing),
         ("rows duplicated", d.duplicated),
         ("bad images reported", f"{len(d.skipped)} (exactly the bad ones: {set(d.skipped) == set(d.bad)})"),
-        ("reasons", reasons), ("wall s (preprocessing)", f"{d.seconds:.1f}")])
+        *reasons, ("wall s (preprocessing)", f"{d.seconds:.1f}")])
 
 
 def main() -> None:
