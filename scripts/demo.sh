@@ -36,7 +36,8 @@ serve_up() {
       nohup serve run serve_app:graph > "$RUNS/serve.log" 2>&1 &
   echo $! > "$RUNS/serve.pid"
   for _ in $(seq 1 180); do
-    if curl -fsS "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1; then echo "   serving on http://127.0.0.1:$PORT"; return; fi
+    # /healthz only shows the ingress is up; the first /v1/models asks every deployment, so it means ready.
+    if curl -fsS "http://127.0.0.1:$PORT/v1/models" >/dev/null 2>&1; then echo "   serving on http://127.0.0.1:$PORT"; return; fi
     sleep 2
   done
   echo "   Serve did not become healthy; see $RUNS/serve.log" >&2
