@@ -324,7 +324,8 @@ def test_overload_is_503_with_retry_after_and_slow_requests_time_out(server, slo
     assert rejected and all(int(r.headers["retry-after"]) >= 1 for r in rejected), statuses
     timed_out = [r for r in responses if r.status_code == 504]
     assert timed_out and timed_out[0].json()["error"]["code"] == "timeout", statuses
-    assert set(statuses) <= {503, 504}, statuses
+    # The queued request starts with a fresh deadline once the first times out; on an idle machine it may finish.
+    assert set(statuses) <= {200, 503, 504} and statuses.count(200) <= 1, statuses
     ok = server.post("/guarded/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 2}, headers=auth)
     assert ok.status_code == 200
