@@ -103,11 +103,14 @@ class LanguageModelConfig:
     """Shape used when source.kind is random."""
     chat_template: str = "auto"
     """auto (the tokenizer's own, else instruct), chatml (no default system prompt) or instruct (Phi-2 QA style)."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel: sdpa (PyTorch's fused kernels) or eager (plain matmuls; faster for short CPU sequences)."""
 
     def validate(self, path: str) -> None:
         self.source.validate(f"{path}.source")
         _check_choice(f"{path}.dtype", self.dtype, DTYPES)
         _check_choice(f"{path}.chat_template", self.chat_template, ("auto", "chatml", "instruct"))
+        _check_choice(f"{path}.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         if self.image_end_token_id is not None:
             _check_range(f"{path}.image_end_token_id", self.image_end_token_id, 0)
 
@@ -265,7 +268,7 @@ class StageConfig:
     sample_every: int = 0
     """Steps between sample predictions on held-out images (0: never)."""
     autocast_bf16: bool = False
-    """Run forward passes under bfloat16 autocast (GPU, or CPUs with AMX/AVX512-BF16)."""
+    """Run forward passes under bfloat16 autocast where bf16 is native (GPU, CPUs with AMX/AVX512-BF16); else fp32."""
     seed: int = 0
     """Seed for initialisation, shuffling and dropout."""
 

@@ -31,6 +31,8 @@ def test_bad_value_names_field_and_allowed_values():
         load_config("test", {"model.vision.source.kind": "ftp"})
     with pytest.raises(ConfigError, match=r"stage1\.steps: 0 is out of range"):
         load_config("test", ["stage1.steps=0"])
+    with pytest.raises(ConfigError, match=r"attn_implementation: 'flash' is not one of sdpa, eager"):
+        load_config("cpu", ["model.language_model.attn_implementation=flash"])
 
 
 def test_wrong_type_and_unknown_field():

@@ -81,6 +81,7 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
     if cfg.source.kind == "random" and not quantized:
         tokenizer = build_tiny_tokenizer()
         model = build_random_lm(cfg.random_shape, len(tokenizer)).to(DTYPES[cfg.dtype])
+        model.set_attn_implementation(cfg.attn_implementation)
         return model.to(device), tokenizer
     if cfg.source.kind == "random":
         path = _saved_random_lm(cfg.random_shape, cache_dir or default_cache_dir())  # bitsandbytes loads from disk
@@ -88,7 +89,7 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
         path = resolve_source(cfg.source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
     _set_chat_template(tokenizer, cfg.chat_template)
-    kwargs = {"dtype": DTYPES[cfg.dtype], "use_safetensors": True}
+    kwargs = {"dtype": DTYPES[cfg.dtype], "use_safetensors": True, "attn_implementation": cfg.attn_implementation}
     if quant is not None and quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
         kwargs["device_map"] = {"": device}

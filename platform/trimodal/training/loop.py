@@ -96,6 +96,24 @@ def _to_device(batch: Batch, device) -> Batch:
     return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), feats)
 
 
+def native_bf16(device) -> bool:
+    """Whether `device` runs bfloat16 matmuls natively (CUDA with bf16, or a CPU with AMX or AVX512-BF16)."""
+    if str(device).startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def use_autocast(stage: StageConfig, device) -> bool:
+    """bf16 autocast when the stage asks for it and the hardware runs it natively (emulated bf16 is slower)."""
+    if not stage.autocast_bf16:
+        return False
+    if native_bf16(device):
+        return True
+    print(f"[train] autocast_bf16 requested, but {device} has no native bfloat16: training in float32", flush=True)
+    return False
+
+
 def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device) -> tuple[float, int]:
     """One optimizer step; returns (loss, target tokens)."""
     model.train()
@@ -154,12 +172,13 @@ def train_loop(config: dict) -> None:
     ).get_world_size() > 1 else sm.model
     collate = Collator(sm.tokenizer, opts.num_patches, sm.image_end_id, cfg.data.max_length, cfg.data.caption_prompt)
     batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size, state, stage.seed)
+    autocast = use_autocast(stage, device)
     while state.step < stage.steps:
         start = time.perf_counter()
         state.epoch, index, batch = next(batches)
         batch = _to_device(batch, device)
         _maybe_fail(opts, state.step + 1)
-        loss, n_targets = train_step(model, batch, optimizer, scheduler, stage.autocast_bf16, device)
+        loss, n_targets = train_step(model, batch, optimizer, scheduler, autocast, device)
         state.step, state.batch_in_epoch = state.step + 1, index + 1
         seconds = time.perf_counter() - start
         metrics = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "step_time_s": seconds,
