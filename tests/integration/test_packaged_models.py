@@ -49,7 +49,7 @@ def test_cpu_preset_builds_all_its_models():
     assert (info.num_patches, info.hidden_size) == (49, 256)
     assert not engine.images.trained
     assert engine.speech is not None
-    feats = engine.images.tower(torch.zeros(1, 3, 224, 224))
+    feats = engine.images.tower(torch.zeros(1, 3, info.image_size, info.image_size))
     assert feats.shape == (1, 49, 256)
 
 
