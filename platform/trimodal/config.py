@@ -127,10 +127,13 @@ class VisionConfig:
     """Input resolution in pixels."""
     random_shape: TinyCLIPShape = field(default_factory=TinyCLIPShape)
     """Shape of the random tower and of the tower stage 0 trains."""
+    stage0_pool: str = "cls"
+    """Stage 0's image embedding: "cls" (CLIP's CLS token) or "mean" (the mean of the patch tokens the LM reads)."""
 
     def validate(self, path: str) -> None:
         self.source.validate(f"{path}.source")
         _check_range(f"{path}.image_size", self.image_size, 32)
+        _check_choice(f"{path}.stage0_pool", self.stage0_pool, ("cls", "mean"))
 
 
 @dataclass

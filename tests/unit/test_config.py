@@ -33,6 +33,8 @@ def test_bad_value_names_field_and_allowed_values():
         load_config("test", ["stage1.steps=0"])
     with pytest.raises(ConfigError, match=r"attn_implementation: 'flash' is not one of sdpa, eager"):
         load_config("cpu", ["model.language_model.attn_implementation=flash"])
+    with pytest.raises(ConfigError, match=r"model\.vision\.stage0_pool: 'max' is not one of cls, mean"):
+        load_config("cpu", ["model.vision.stage0_pool=max"])
 
 
 def test_wrong_type_and_unknown_field():

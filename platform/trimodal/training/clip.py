@@ -99,11 +99,28 @@ class ClipCollator:
                 "attention_mask": enc["attention_mask"], "texts": texts}
 
 
-def contrastive_loss(model: CLIPModel, batch: dict) -> torch.Tensor:
-    """Symmetric InfoNCE where identical captions in a batch count as positives of each other."""
+def pooled_image_embeds(clip: CLIPModel, vision_hidden: torch.Tensor, pool: str) -> torch.Tensor:
+    """Projected image embeddings [B, P] from the tower's last hidden state [B, 1 + N, D].
+
+    "cls" is CLIP's own pooling. "mean" averages the patch tokens, the features the LM receives, so the contrastive
+    loss trains exactly them: every patch token then carries what the caption says about the whole image.
+    """
+    pooled = vision_hidden[:, 0] if pool == "cls" else vision_hidden[:, 1:].mean(1)  # [B, D]
+    return clip.visual_projection(clip.vision_model.post_layernorm(pooled))
+
+
+def contrastive_loss(model: CLIPModel, batch: dict, pool: str = "cls") -> torch.Tensor:
+    """Symmetric InfoNCE where identical captions in a batch count as positives of each other.
+
+    `model` may be DDP-wrapped; the forward goes through the wrapper so gradients are synchronised.
+    """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"])
     logits = out.logits_per_image  # [B, B], already scaled by exp(logit_scale)
+    if pool != "cls":
+        clip = getattr(model, "module", model)
+        image = F.normalize(pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)
+        logits = clip.logit_scale.exp() * image @ out.text_embeds.t()  # [B, B]
     texts = batch["texts"]
     same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
     targets = same / same.sum(-1, keepdim=True)
@@ -142,7 +159,7 @@ def clip_train_loop(config: dict) -> None:
     while state.step < stage.steps:
         start = time.perf_counter()
         state.epoch, index, batch = next(batches)
-        loss = contrastive_loss(wrapped, batch)
+        loss = contrastive_loss(wrapped, batch, cfg.model.vision.stage0_pool)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -165,8 +182,11 @@ def _features(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model: CLIPModel, tokenizer, rows: list[dict], image_size: int) -> float:
-    """Top-1 image -> caption retrieval among all distinct held-out captions (correct: any of its captions)."""
+def zero_shot_accuracy(model: CLIPModel, tokenizer, rows: list[dict], image_size: int, pool: str = "cls") -> float:
+    """Top-1 image -> caption retrieval among all distinct held-out captions (correct: any of its captions).
+
+    Images are embedded with the pooling stage 0 trained (`pooled_image_embeds`).
+    """
     model.eval()
     candidates = sorted({c for r in rows for c in json.loads(r["captions"])})
     enc = tokenizer(candidates, padding=True, return_tensors="pt")
@@ -176,7 +196,8 @@ def zero_shot_accuracy(model: CLIPModel, tokenizer, rows: list[dict], image_size
     for start in range(0, len(rows), 64):
         chunk = rows[start:start + 64]
         pixels = preprocess_images([Image.open(r["path"]) for r in chunk], image_size)
-        image = F.normalize(_features(model.get_image_features(pixel_values=pixels)), dim=-1)  # [B, P]
+        hidden = model.vision_model(pixel_values=pixels).last_hidden_state  # [B, 1 + N, D]
+        image = F.normalize(pooled_image_embeds(model, hidden, pool), dim=-1)  # [B, P]
         best = (image @ text.t()).argmax(-1)  # [B]
         hits += sum(candidates[b] in json.loads(r["captions"]) for b, r in zip(best.tolist(), chunk))
     return hits / max(len(rows), 1)
@@ -219,13 +240,14 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
         datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
     result = trainer.fit()
     model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
-    baseline = zero_shot_accuracy(model, tokenizer, val_rows, cfg.model.vision.image_size)
+    vision = cfg.model.vision
+    baseline = zero_shot_accuracy(model, tokenizer, val_rows, vision.image_size, vision.stage0_pool)
     model.load_state_dict(load_file(str(Path(result.checkpoint.path) / "clip.safetensors")))
-    accuracy = zero_shot_accuracy(model, tokenizer, val_rows, cfg.model.vision.image_size)
+    accuracy = zero_shot_accuracy(model, tokenizer, val_rows, vision.image_size, vision.stage0_pool)
     print(f"[stage 0] zero-shot caption accuracy on {len(val_rows)} held-out images: {accuracy:.3f} "
           f"(random tower: {baseline:.3f})", flush=True)
     return save_tower(model, tokenizer, out_dir / "tower", {"zero_shot_accuracy": accuracy,
-                                                           "random_baseline": baseline, "steps": cfg.stage0.steps,
+                                                           "random_baseline": baseline, "steps": cfg.stage0.steps, "pool": vision.stage0_pool,
                                                            "held_out_images": len(val_rows)})
 
 
