@@ -144,16 +144,19 @@ def _unscored(lines: list[str]) -> int:
     return sum(1 for ln in lines if json.loads(ln).get("correct", True) is None)
 
 
-def test_stage0_tower_loads_as_clip_vision_model(ray_local, shapes, tmp_path):
+@pytest.mark.parametrize("pool,workers", [("cls", 1), ("mean", 2)])
+def test_stage0_tower_loads_as_clip_vision_model(ray_local, shapes, tmp_path, pool, workers):
     from transformers import CLIPVisionModel
 
     from trimodal.models.vision import random_vision_tower
     from trimodal.training.clip import run_stage0
 
-    cfg = load_config("test", {"stage0.steps": 3, "stage0.batch_size": 8, "stage0.checkpoint_every": 3})
+    cfg = load_config("test", {"stage0.steps": 3, "stage0.batch_size": 8, "stage0.checkpoint_every": 3,
+                               "stage0.num_workers": workers, "model.vision.stage0_pool": pool})
     tower_dir = run_stage0(cfg, shapes, tmp_path)
     meta = json.loads((tower_dir / "stage0.json").read_text())
     assert 0.0 <= meta["zero_shot_accuracy"] <= 1.0 and meta["held_out_images"] == 6
+    assert meta["pool"] == pool
     trained = CLIPVisionModel.from_pretrained(tower_dir, use_safetensors=True)
     pixels = torch.randn(2, 3, 64, 64)
     ours = trained(pixel_values=pixels).last_hidden_state[:, 1:]

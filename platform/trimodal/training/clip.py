@@ -247,7 +247,8 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
     print(f"[stage 0] zero-shot caption accuracy on {len(val_rows)} held-out images: {accuracy:.3f} "
           f"(random tower: {baseline:.3f})", flush=True)
     return save_tower(model, tokenizer, out_dir / "tower", {"zero_shot_accuracy": accuracy,
-                                                           "random_baseline": baseline, "steps": cfg.stage0.steps, "pool": vision.stage0_pool,
+                                                           "random_baseline": baseline, "steps": cfg.stage0.steps,
+                                                           "pool": vision.stage0_pool,
                                                            "held_out_images": len(val_rows)})
 
 
