@@ -79,37 +79,58 @@ def question_jobs(conversations: list[dict]) -> list[dict]:
             if turn.role == "assistant" and k > 0:
                 question = conv["turns"][k - 1]["text"]
                 jobs.append({"id": conv["id"], "image_id": conv["image_id"], "history": turns[:k],
-                             "question": question, "reference": turn.text, "type": question_type(question)})
+                             "question": question, "reference": turn.text, "type": question_type(question),
+                             "first_turn": k == 1})
     return jobs
 
 
 def conversation_scores(gen, projector, embeddings: dict[int, np.ndarray], conversations: list[dict],
                         num_patches: int, batch_size: int) -> tuple[dict, list[dict]]:
-    """Accuracy per question type, and the per-question predictions."""
+    """Accuracy per question type, and the per-question predictions.
+
+    Later turns are answered after the reference answers of earlier ones, which can give the answer away ("Describe
+    the image." names every shape's colour), so each type also reports `first_turn`: the questions that open their
+    conversation, answered from the image alone.
+    """
     jobs = [j for j in question_jobs(conversations) if j["image_id"] in embeddings]
     preds = _answer(gen, projector, [(j["history"], embeddings[j["image_id"]]) for j in jobs], num_patches,
                     batch_size, max_tokens=32)
-    tally: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    tally: dict[tuple[str, bool], list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for job, pred in zip(jobs, preds):
         ok = answer_correct(job["type"], pred, job["reference"])
         if ok is not None:
-            tally[job["type"]][0] += int(ok)
-            tally[job["type"]][1] += 1
+            tally[job["type"], job["first_turn"]][0] += int(ok)
+            tally[job["type"], job["first_turn"]][1] += 1
         rows.append({"kind": "question", "id": job["id"], "image_id": job["image_id"], "type": job["type"],
-                     "question": job["question"], "predicted": pred, "reference": job["reference"], "correct": ok})
-    return {t: {"accuracy": c / n, "correct": c, "total": n} for t, (c, n) in sorted(tally.items())}, rows
+                     "question": job["question"], "first_turn": job["first_turn"], "predicted": pred,
+                     "reference": job["reference"], "correct": ok})
+    return _accuracies(tally), rows
+
+
+def _accuracies(tally: dict[tuple[str, bool], list[int]]) -> dict:
+    """{type: {accuracy, correct, total, first_turn: {accuracy, correct, total}}} from (type, first) tallies."""
+    out = {}
+    for qtype in sorted({t for t, _ in tally}):
+        first, later = tally.get((qtype, True), [0, 0]), tally.get((qtype, False), [0, 0])
+        correct, total = first[0] + later[0], first[1] + later[1]
+        out[qtype] = {"accuracy": correct / total, "correct": correct, "total": total,
+                      "first_turn": {"accuracy": first[0] / first[1] if first[1] else None, "correct": first[0],
+                                     "total": first[1]}}
+    return out
 
 
 def print_table(result: dict) -> None:
     """A small table of everything measured."""
     cap = result["captions"]
-    print(f"\n{'metric':<22}{'value':>10}{'n':>8}")
+    print(f"\n{'metric':<22}{'value':>10}{'n':>8}{'first turn':>12}{'n':>6}")
     for key in ("BLEU-1", "BLEU-4", "CIDEr-D"):
         if key in cap:
             print(f"{'captions ' + key:<22}{cap[key]:>10.4f}{cap['images']:>8}")
     for qtype, row in result["questions"].items():
-        print(f"{'accuracy ' + qtype:<22}{row['accuracy']:>10.3f}{row['total']:>8}")
+        first = row["first_turn"]
+        shown = f"{first['accuracy']:.3f}" if first["accuracy"] is not None else "-"
+        print(f"{'accuracy ' + qtype:<22}{row['accuracy']:>10.3f}{row['total']:>8}{shown:>12}{first['total']:>6}")
 
 
 def read_split(data_dir: Path, split: str) -> tuple[dict[int, np.ndarray], dict[int, list[str]], list[dict]]:
