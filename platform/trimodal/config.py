@@ -129,6 +129,8 @@ class VisionConfig:
     """Shape of the random tower and of the tower stage 0 trains."""
     stage0_pool: str = "cls"
     """Stage 0's image embedding: "cls" (CLIP's CLS token) or "mean" (the mean of the patch tokens the LM reads)."""
+    stage0_phrases: bool = False
+    """Stage 0 also grounds each caption phrase in the patch tokens it attends to (binds colour to shape)."""
 
     def validate(self, path: str) -> None:
         self.source.validate(f"{path}.source")

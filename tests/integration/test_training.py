@@ -136,7 +136,10 @@ def test_stage2_qlora_from_stage1_then_evaluate(data_dir, stage1_run, tmp_path):
     assert {"color", "shape", "count"} <= set(saved["questions"])
     for row in saved["questions"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and row["total"] > 0
+        assert 0 <= row["first_turn"]["correct"] <= row["first_turn"]["total"] <= row["total"]
     lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    openers = [r for r in map(json.loads, lines) if r.get("first_turn") and r["correct"] is not None]
+    assert len(openers) == sum(r["first_turn"]["total"] for r in saved["questions"].values()) > 0
     assert len(lines) == 6 + sum(r["total"] for r in saved["questions"].values()) + _unscored(lines)
 
 
@@ -144,19 +147,20 @@ def _unscored(lines: list[str]) -> int:
     return sum(1 for ln in lines if json.loads(ln).get("correct", True) is None)
 
 
-@pytest.mark.parametrize("pool,workers", [("cls", 1), ("mean", 2)])
-def test_stage0_tower_loads_as_clip_vision_model(ray_local, shapes, tmp_path, pool, workers):
+@pytest.mark.parametrize("pool,phrases,workers", [("cls", False, 1), ("mean", True, 2)])
+def test_stage0_tower_loads_as_clip_vision_model(ray_local, shapes, tmp_path, pool, phrases, workers):
     from transformers import CLIPVisionModel
 
     from trimodal.models.vision import random_vision_tower
     from trimodal.training.clip import run_stage0
 
     cfg = load_config("test", {"stage0.steps": 3, "stage0.batch_size": 8, "stage0.checkpoint_every": 3,
-                               "stage0.num_workers": workers, "model.vision.stage0_pool": pool})
+                               "stage0.num_workers": workers, "model.vision.stage0_pool": pool,
+                               "model.vision.stage0_phrases": phrases})
     tower_dir = run_stage0(cfg, shapes, tmp_path)
     meta = json.loads((tower_dir / "stage0.json").read_text())
     assert 0.0 <= meta["zero_shot_accuracy"] <= 1.0 and meta["held_out_images"] == 6
-    assert meta["pool"] == pool
+    assert (meta["pool"], meta["phrases"]) == (pool, phrases)
     trained = CLIPVisionModel.from_pretrained(tower_dir, use_safetensors=True)
     pixels = torch.randn(2, 3, 64, 64)
     ours = trained(pixel_values=pixels).last_hidden_state[:, 1:]

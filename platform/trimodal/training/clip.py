@@ -32,6 +32,10 @@ from trimodal.training.metrics import MetricsLog
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
 MAX_TEXT_TOKENS = 32
+PHRASE_SEPARATOR = " and "
+"""Where stage 0's phrase-grounding term splits a caption into phrases."""
+PHRASE_ATTENTION_SCALE = 10.0
+"""Sharpness of a phrase's attention over the patch tokens (cosine similarities times this, then softmax)."""
 
 
 def build_caption_tokenizer(captions: list[str]) -> PreTrainedTokenizerFast:
@@ -86,17 +90,31 @@ def normalise(pixels: torch.Tensor) -> torch.Tensor:
 
 
 class ClipCollator:
-    """Picks one caption per image (seeded), tokenises, normalises pixels."""
+    """Picks one caption per image (seeded), tokenises, normalises pixels.
 
-    def __init__(self, tokenizer, seed: int):
+    With `phrases`, each caption's phrases (`caption_phrases`) are tokenised after the captions in the same text
+    batch, so one forward through the (possibly DDP-wrapped) model embeds both.
+    """
+
+    def __init__(self, tokenizer, seed: int, phrases: bool = False):
         self.tokenizer = tokenizer
         self.rng = random.Random(seed)
+        self.phrases = phrases
 
     def __call__(self, batch: dict) -> dict:
         texts = [self.rng.choice(json.loads(c)) for c in batch["captions"]]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt")
+        phrases = [caption_phrases(t) for t in texts] if self.phrases else [[] for _ in texts]
+        flat = [p for ps in phrases for p in ps]
+        enc = self.tokenizer(texts + flat, padding=True, truncation=True, max_length=MAX_TEXT_TOKENS,
+                             return_tensors="pt")
         return {"pixel_values": normalise(torch.as_tensor(batch["pixels"])), "input_ids": enc["input_ids"],
-                "attention_mask": enc["attention_mask"], "texts": texts}
+                "attention_mask": enc["attention_mask"], "texts": texts, "phrases": phrases}
+
+
+def caption_phrases(caption: str) -> list[str]:
+    """The caption's phrases: split at PHRASE_SEPARATOR ('a red circle and a blue square on a plain background'
+    -> ['a red circle', 'a blue square on a plain background']). The shapes captions name one object per phrase."""
+    return [p.strip() for p in caption.split(PHRASE_SEPARATOR) if p.strip()] or [caption]
 
 
 def pooled_image_embeds(clip: CLIPModel, vision_hidden: torch.Tensor, pool: str) -> torch.Tensor:
@@ -110,21 +128,54 @@ def pooled_image_embeds(clip: CLIPModel, vision_hidden: torch.Tensor, pool: str)
 
 
 def contrastive_loss(model: CLIPModel, batch: dict, pool: str = "cls") -> torch.Tensor:
-    """Symmetric InfoNCE where identical captions in a batch count as positives of each other.
+    """Symmetric InfoNCE where identical captions in a batch count as positives of each other, plus the
+    phrase-grounding term (`phrase_grounding_loss`) when the batch carries phrases.
 
-    `model` may be DDP-wrapped; the forward goes through the wrapper so gradients are synchronised.
+    `model` may be DDP-wrapped; the one forward goes through the wrapper so gradients are synchronised.
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"])
-    logits = out.logits_per_image  # [B, B], already scaled by exp(logit_scale)
-    if pool != "cls":
-        clip = getattr(model, "module", model)
-        image = F.normalize(pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)
-        logits = clip.logit_scale.exp() * image @ out.text_embeds.t()  # [B, B]
+    clip = getattr(model, "module", model)
     texts = batch["texts"]
+    captions, phrases = out.text_embeds[:len(texts)], out.text_embeds[len(texts):]  # [B, P], [K, P] normalised
+    image = out.image_embeds if pool == "cls" else F.normalize(
+        pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)  # [B, P]
+    logits = clip.logit_scale.exp() * image @ captions.t()  # [B, B]
     same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
-    targets = same / same.sum(-1, keepdim=True)
-    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
+    loss = _symmetric_cross_entropy(logits, same)
+    if len(phrases):
+        loss = loss + phrase_grounding_loss(clip, out.vision_model_output.last_hidden_state, phrases,
+                                            batch["phrases"])
+    return loss
+
+
+def phrase_grounding_loss(clip: CLIPModel, vision_hidden: torch.Tensor, phrase_embeds: torch.Tensor,
+                          phrases: list[list[str]]) -> torch.Tensor:
+    """Each caption phrase attends over an image's patch tokens; the attention-pooled patches must match the
+    phrase (image <-> phrase InfoNCE over the batch; a phrase is positive for every image whose caption has it).
+
+    The phrase "a yellow circle" can only pick out and match the yellow circle's patches if those patches say
+    "circle" too, so every object's patch tokens learn its colour and its shape: what the LM needs to tell which
+    colour belongs to which shape. vision_hidden [B, 1 + N, D]; phrase_embeds [K, P] normalised, in the order
+    of the flattened `phrases` (per image).
+    """
+    flat = [p for ps in phrases for p in ps]
+    if len(flat) != len(phrase_embeds):
+        raise ValueError(f"{len(phrase_embeds)} phrase embeddings for {len(flat)} phrases")
+    patches = clip.visual_projection(clip.vision_model.post_layernorm(vision_hidden[:, 1:]))  # [B, N, P]
+    patches = F.normalize(patches, dim=-1)
+    attention = torch.softmax(PHRASE_ATTENTION_SCALE * torch.einsum("bnp,kp->bkn", patches, phrase_embeds), -1)
+    pooled = F.normalize(torch.einsum("bkn,bnp->bkp", attention, patches), dim=-1)  # [B, K, P]
+    logits = clip.logit_scale.exp() * (pooled * phrase_embeds[None]).sum(-1)  # [B, K]
+    has = torch.tensor([[p in set(ps) for p in flat] for ps in phrases], dtype=torch.float32, device=logits.device)
+    return _symmetric_cross_entropy(logits, has)
+
+
+def _symmetric_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean of row-wise and column-wise cross-entropy of logits [R, C] against 0/1 positives spread uniformly."""
+    rows = positives / positives.sum(1, keepdim=True)
+    cols = positives / positives.sum(0, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, rows) + F.cross_entropy(logits.t(), cols.t()))
 
 
 def _save_clip(directory: Path, model, optimizer, scheduler, state: TrainState, cfg: TrimodalConfig) -> None:
@@ -154,7 +205,8 @@ def clip_train_loop(config: dict) -> None:
     log = MetricsLog(run_dir, enabled=rank == 0)
     log.start(0, total, total, state.step, stage.steps)
     wrapped = ray.train.torch.prepare_model(model) if ray.train.get_context().get_world_size() > 1 else model
-    batches = iterate_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank),
+    batches = iterate_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank,
+                                                                              cfg.model.vision.stage0_phrases),
                               stage.batch_size, state, stage.seed)
     while state.step < stage.steps:
         start = time.perf_counter()
@@ -249,6 +301,7 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
     return save_tower(model, tokenizer, out_dir / "tower", {"zero_shot_accuracy": accuracy,
                                                            "random_baseline": baseline, "steps": cfg.stage0.steps,
                                                            "pool": vision.stage0_pool,
+                                                           "phrases": vision.stage0_phrases,
                                                            "held_out_images": len(val_rows)})
 
 

@@ -1,11 +1,23 @@
-"""Stage 0's image pooling: CLIP's CLS token, or the mean of the patch tokens the LM receives."""
+"""Stage 0's losses: the image pooling (CLIP's CLS token, or the mean of the patch tokens the LM receives) and the
+phrase-grounding term."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from trimodal.config import load_config
 from trimodal.models.vision import build_random_clip
-from trimodal.training.clip import contrastive_loss, pooled_image_embeds
+from trimodal.training.clip import (
+    ClipCollator,
+    build_caption_tokenizer,
+    caption_phrases,
+    contrastive_loss,
+    phrase_grounding_loss,
+    pooled_image_embeds,
+)
 
 
 def _clip_and_batch():
@@ -53,3 +65,69 @@ def test_contrastive_loss_uses_the_chosen_pooling():
         expected = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets))
         assert torch.allclose(contrastive_loss(clip, batch, "mean"), expected, atol=1e-5)
         assert not torch.allclose(contrastive_loss(clip, batch, "cls"), expected, atol=1e-3)
+
+
+def test_caption_phrases_split_at_and():
+    assert caption_phrases("a red circle and a blue square on a plain background") == [
+        "a red circle", "a blue square on a plain background"]
+    assert caption_phrases("a picture of a green triangle") == ["a picture of a green triangle"]
+    assert caption_phrases(" and ") == [" and "]  # never empty: the caption itself stands as its phrase
+
+
+def test_collator_tokenises_the_phrases_after_the_captions():
+    tokenizer = build_caption_tokenizer(["a red circle and a blue square", "a green triangle"])
+    batch = {"captions": [json.dumps(["a red circle and a blue square"]), json.dumps(["a green triangle"])],
+             "pixels": np.zeros((2, 8, 8, 3), np.uint8)}
+    plain = ClipCollator(tokenizer, seed=0)(batch)
+    assert plain["input_ids"].shape[0] == 2 and plain["phrases"] == [[], []]
+    out = ClipCollator(tokenizer, seed=0, phrases=True)(batch)
+    assert out["texts"] == ["a red circle and a blue square", "a green triangle"]
+    assert out["phrases"] == [["a red circle", "a blue square"], ["a green triangle"]]
+    assert out["input_ids"].shape[0] == 5  # 2 captions, then 3 phrases
+    decoded = tokenizer.batch_decode(out["input_ids"][2:], skip_special_tokens=True)
+    assert decoded == ["a red circle", "a blue square", "a green triangle"]
+
+
+def _loop_phrase_loss(clip, hidden, phrase_embeds, phrases):
+    """The phrase-grounding loss written out pair by pair, as an independent check of the batched one."""
+    patches = F.normalize(clip.visual_projection(clip.vision_model.post_layernorm(hidden[:, 1:])), dim=-1)
+    flat = [p for ps in phrases for p in ps]
+    logits = torch.zeros(len(phrases), len(flat))
+    for b in range(len(phrases)):
+        for k in range(len(flat)):
+            weights = torch.softmax(10.0 * patches[b] @ phrase_embeds[k], 0)  # [N]
+            pooled = F.normalize((weights[:, None] * patches[b]).sum(0), dim=0)  # [P]
+            logits[b, k] = clip.logit_scale.exp() * pooled @ phrase_embeds[k]
+    positive = torch.tensor([[float(p in ps) for p in flat] for ps in phrases])
+    image_to_phrase = -(F.log_softmax(logits, 1) * positive / positive.sum(1, keepdim=True)).sum(1).mean()
+    phrase_to_image = -(F.log_softmax(logits, 0) * positive / positive.sum(0, keepdim=True)).sum(0).mean()
+    return 0.5 * (image_to_phrase + phrase_to_image)
+
+
+def test_phrase_grounding_loss_matches_a_pair_by_pair_computation():
+    clip, batch = _clip_and_batch()
+    phrases = [["a red circle", "a blue square"], ["a red circle"], ["a green triangle"], ["a blue square"]]
+    with torch.no_grad():
+        hidden = clip.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        embeds = F.normalize(torch.randn(5, clip.config.projection_dim), dim=-1)
+        expected = _loop_phrase_loss(clip, hidden, embeds, phrases)
+        assert torch.allclose(phrase_grounding_loss(clip, hidden, embeds, phrases), expected, atol=1e-5)
+        with pytest.raises(ValueError, match="6 phrase embeddings for 5 phrases"):
+            phrase_grounding_loss(clip, hidden, torch.cat([embeds, embeds[:1]]), phrases)
+
+
+def test_contrastive_loss_adds_the_phrase_term_when_the_batch_has_phrases():
+    clip, batch = _clip_and_batch()
+    phrases = [["x"], ["y", "z"], ["w"], ["x"]]
+    with_phrases = {**batch, "input_ids": torch.randint(4, 64, (9, 6)),
+                    "attention_mask": torch.ones(9, 6, dtype=torch.long), "phrases": phrases}
+    with torch.no_grad():
+        out = clip(input_ids=with_phrases["input_ids"], attention_mask=with_phrases["attention_mask"],
+                   pixel_values=batch["pixel_values"])
+        hidden = out.vision_model_output.last_hidden_state
+        captions_only = {**batch, "input_ids": with_phrases["input_ids"][:4],
+                         "attention_mask": with_phrases["attention_mask"][:4], "phrases": [[]] * 4}
+        for pool in ("cls", "mean"):
+            expected = (contrastive_loss(clip, captions_only, pool)
+                        + phrase_grounding_loss(clip, hidden, out.text_embeds[4:], phrases))
+            assert torch.allclose(contrastive_loss(clip, with_phrases, pool), expected, atol=1e-5)
