@@ -138,8 +138,7 @@ def contrastive_loss(model: CLIPModel, batch: dict, pool: str = "cls") -> torch.
     clip = getattr(model, "module", model)
     texts = batch["texts"]
     captions, phrases = out.text_embeds[:len(texts)], out.text_embeds[len(texts):]  # [B, P], [K, P] normalised
-    image = out.image_embeds if pool == "cls" else F.normalize(
-        pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)  # [B, P]
+    image = F.normalize(pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)  # [B, P]
     logits = clip.logit_scale.exp() * image @ captions.t()  # [B, B]
     same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
     loss = _symmetric_cross_entropy(logits, same)
@@ -167,7 +166,8 @@ def phrase_grounding_loss(clip: CLIPModel, vision_hidden: torch.Tensor, phrase_e
     attention = torch.softmax(PHRASE_ATTENTION_SCALE * torch.einsum("bnp,kp->bkn", patches, phrase_embeds), -1)
     pooled = F.normalize(torch.einsum("bkn,bnp->bkp", attention, patches), dim=-1)  # [B, K, P]
     logits = clip.logit_scale.exp() * (pooled * phrase_embeds[None]).sum(-1)  # [B, K]
-    has = torch.tensor([[p in set(ps) for p in flat] for ps in phrases], dtype=torch.float32, device=logits.device)
+    owned = [set(ps) for ps in phrases]
+    has = torch.tensor([[p in own for p in flat] for own in owned], dtype=torch.float32, device=logits.device)
     return _symmetric_cross_entropy(logits, has)
 
 
