@@ -11,6 +11,10 @@ import torch
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Ray started by the suite sends no usage report, and binds every port to 127.0.0.1: Ray's single-node switch makes
+# the node IP loopback (without it, Ray resolves 127.0.0.1 to the machine's address and binds GCS/raylet to it).
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def pytest_collection_modifyitems(config, items):
