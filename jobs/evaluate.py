@@ -5,6 +5,7 @@
 Writes RUN/eval.json and RUN/predictions.jsonl (one line per caption and per question) and prints a table.
 """
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 import sys
 from pathlib import Path
@@ -19,17 +20,18 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from trimodal.data.readers import DataDirError
+    from trimodal.cli import require_data_dir, require_run, run_job
     from trimodal.evaluation.run_eval import evaluate_run, print_table
 
-    try:
+    def job() -> None:
+        require_run(args.run, "--run")
+        require_data_dir(args.data)
         result = evaluate_run(args.run, args.data, args.split, args.limit, args.batch_size, args.device)
-    except (DataDirError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print_table(result)
-    print(f"[evaluate] wrote {args.run / 'eval.json'} and {args.run / 'predictions.jsonl'} in {result['seconds']} s")
-    return 0
+        print_table(result)
+        print(f"[evaluate] wrote {args.run / 'eval.json'} and {args.run / 'predictions.jsonl'} in "
+              f"{result['seconds']} s")
+
+    return run_job(job)
 
 
 if __name__ == "__main__":

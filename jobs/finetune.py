@@ -6,11 +6,12 @@
 Starts from the stage-1 projector (--init), trains only assistant turns (plus EOS), and exports OUT/final/.
 """
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 import sys
 from pathlib import Path
 
-from trimodal.cli import add_common_args, init_ray, load_job_config, run_job
+from trimodal.cli import add_common_args, init_ray, load_job_config, require_data_dir, require_run, run_job
 
 
 def main() -> int:
@@ -24,6 +25,9 @@ def main() -> int:
     def job() -> None:
         from trimodal.training.trainer import run_stage
 
+        require_data_dir(args.data)
+        if args.init is not None:
+            require_run(args.init, "--init")
         cfg = load_job_config(args, stage=2)
         if args.init is None:
             print("[stage 2] warning: no --init stage-1 run: the projector starts untrained", file=sys.stderr)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 
 from trimodal.data.shapes import write_shapes_dataset

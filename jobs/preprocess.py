@@ -14,11 +14,12 @@ to them are dropped and counted.
 
 from __future__ import annotations
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 import sys
 from dataclasses import replace
 
-from trimodal.cli import init_ray
+from trimodal.cli import ClusterUnreachableError, init_ray
 from trimodal.config import ConfigError, load_config, preset_names
 from trimodal.data.formats import AnnotationError
 from trimodal.data.preprocess import (PipelineOptions, PreprocessError, build_plan, default_cpus_per_encoder,
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         cpus = default_cpus_per_encoder(init_ray(args.address), opts.encoders, opts.gpus_per_encoder)
         opts = replace(opts, cpus_per_encoder=cpus)
         manifest = run_preprocess(plan, cfg.model.vision, args.out, opts, vision_dir=args.vision)
-    except (AnnotationError, PreprocessError, ConfigError) as e:
+    except (AnnotationError, PreprocessError, ConfigError, ClusterUnreachableError) as e:
         print(f"[preprocess] error: {e}", file=sys.stderr)
         return 2
     skipped = manifest["skipped"]["count"]

@@ -7,11 +7,12 @@ Reads the preprocessed Parquet (jobs/preprocess.py), never re-encodes images, ch
 --checkpoint-every steps, and exports OUT/final/ for stage 2, evaluation and serving.
 """
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 import sys
 from pathlib import Path
 
-from trimodal.cli import add_common_args, init_ray, load_job_config, run_job
+from trimodal.cli import add_common_args, init_ray, load_job_config, require_data_dir, run_job
 
 
 def main() -> int:
@@ -23,6 +24,7 @@ def main() -> int:
     def job() -> None:
         from trimodal.training.trainer import run_stage
 
+        require_data_dir(args.data)
         cfg = load_job_config(args, stage=1)
         init_ray()
         final = run_stage(cfg, 1, args.data, args.out, resume=args.resume)

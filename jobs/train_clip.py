@@ -7,11 +7,12 @@ Writes OUT/tower (a CLIPModel directory that CLIPVisionModel.from_pretrained loa
 accuracy on the held-out split. Use it with `jobs/preprocess.py --vision OUT/tower`.
 """
 
+import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 import sys
 from pathlib import Path
 
-from trimodal.cli import add_common_args, init_ray, load_job_config, run_job
+from trimodal.cli import add_common_args, init_ray, load_job_config, require_coco_root, run_job
 
 
 def main() -> int:
@@ -23,6 +24,7 @@ def main() -> int:
     def job() -> None:
         from trimodal.training.clip import run_stage0
 
+        require_coco_root(args.coco_root)
         cfg = load_job_config(args, stage=0)
         init_ray()
         tower = run_stage0(cfg, args.coco_root, args.out, resume=args.resume)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import socket
 import sys
 from pathlib import Path
 from typing import Callable
@@ -41,33 +43,117 @@ def load_job_config(args: argparse.Namespace, stage: int | None = None) -> Trimo
                                 checkpoint_every=args.checkpoint_every)
 
 
+class JobInputError(ValueError):
+    """A job's input is missing or unfinished: reported in one line, before Ray starts."""
+
+
+class ClusterUnreachableError(ConnectionError):
+    """The Ray cluster a job was pointed at does not answer."""
+
+
+COCO_LAYOUT = ("annotations/captions_train2017.json", "annotations/captions_val2017.json", "train2017")
+"""What --coco-root must hold (val2017/ may be empty)."""
+
+
+def require_data_dir(path: Path, flag: str = "--data") -> None:
+    """A finished jobs/preprocess.py output (its manifest is read in milliseconds, before Ray starts)."""
+    from trimodal.data.readers import DataDirError, read_manifest
+
+    if not path.is_dir():
+        raise JobInputError(f"{flag} {path}: no such directory (write it with jobs/preprocess.py --out {path})")
+    try:
+        read_manifest(path)
+    except DataDirError as exc:
+        raise JobInputError(f"{flag} {exc}") from None
+
+
+def require_run(path: Path, flag: str) -> None:
+    """A finished training run: its directory or its final/, holding run.json."""
+    final = path / "final" if (path / "final").is_dir() else path
+    if (final / "run.json").is_file():
+        return
+    if not path.exists():
+        raise JobInputError(f"{flag} {path}: no such directory")
+    raise JobInputError(f"{flag} {path}: not a finished run (no final/run.json); finish it by re-running its "
+                        "training job with --resume")
+
+
+def require_coco_root(path: Path, flag: str = "--coco-root") -> None:
+    """The COCO 2017 layout (annotations + image folders), checked by name only."""
+    if not path.is_dir():
+        raise JobInputError(f"{flag} {path}: no such directory")
+    for rel in COCO_LAYOUT:
+        if not (path / rel).exists():
+            raise JobInputError(f"{flag} {path}: no {rel} (expected the COCO 2017 layout: "
+                                "annotations/captions_{train,val}2017.json, train2017/, val2017/)")
+
+
+def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds when a cluster address does not answer (ray.init would retry for minutes)."""
+    if address.startswith(("http://", "https://")):
+        raise ClusterUnreachableError(
+            f"RAY_ADDRESS={address} is a dashboard / job-submission address; a job needs the cluster's GCS address "
+            "(e.g. 127.0.0.1:6379), or submit it with `ray job submit --address " + address + " -- python ...`")
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterUnreachableError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}); start it (`ray start --head`, "
+            "make jobs) or unset RAY_ADDRESS to run on a new local Ray") from None
+
+
 def init_ray(address: str | None = None) -> float:
     """Attach to `address`, else to RAY_ADDRESS (set by `ray job submit`) or the cluster `ray start` left running;
     with none of those (or address "local"), start a local instance bound to 127.0.0.1. Returns the cluster's CPUs."""
     import ray
 
     if not ray.is_initialized():
+        address = address or os.environ.get("RAY_ADDRESS") or None
         if address is None:
             try:
                 ray.init(address="auto")
             except ConnectionError:
                 address = "local"
         if address == "local":
-            ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+            start_local_ray()
         elif address is not None:
+            check_cluster_address(address)
             ray.init(address=address)
     return float(ray.cluster_resources().get("CPU", 1))
 
 
+def start_local_ray() -> None:
+    """A new single-node Ray whose every port (GCS, raylet, agents, workers) listens on 127.0.0.1 only.
+
+    Ray replaces a 127.0.0.1 node address with the machine's own address unless its single-node switch is on
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, read when ray is imported, which the jobs have done by now); the switch is
+    set for this start only, so attaching to a real cluster is unaffected.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
 def run_job(job: Callable[[], None]) -> int:
-    """Run a job; expected failures print one clear line and exit 2."""
+    """Run a job; expected failures (bad input, an unreachable or refusing cluster) print one line and exit 2."""
+    from ray.exceptions import AuthenticationError
+
     from trimodal.data.formats import AnnotationError
+    from trimodal.data.readers import DataDirError
     from trimodal.sources import SourceError
     from trimodal.training.trainer import RunExistsError
 
     try:
         job()
-    except (ConfigError, AnnotationError, SourceError, RunExistsError, FileNotFoundError) as exc:
+    except (ConfigError, AnnotationError, DataDirError, JobInputError, SourceError, RunExistsError,
+            ClusterUnreachableError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except AuthenticationError as exc:
+        print(f"error: the Ray cluster refused this job's token ({str(exc).splitlines()[0]}); export "
+              "RAY_AUTH_MODE=token and use the cluster's token (~/.ray/auth_token)", file=sys.stderr)
         return 2
     return 0

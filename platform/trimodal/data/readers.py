@@ -38,7 +38,7 @@ def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise DataDirError(f"{root}: no {MANIFEST}; preprocessing has not finished there "
-                           "(run jobs/preprocess.py --out {root})")
+                           f"(run jobs/preprocess.py --out {root})")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataDirError(f"{path}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}; "
