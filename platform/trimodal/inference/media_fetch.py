@@ -5,13 +5,22 @@ subdomains). The host is resolved once; every address must be public (no loopbac
 multicast or reserved ranges), and the connection goes to that vetted address (TLS still verifies the host
 name through SNI), so a DNS answer cannot change between the check and the fetch. Redirects are followed by
 hand, each hop checked the same way.
+
+`MediaSandbox` is the setting tests and drills give a server whose allow-list names private hosts on purpose: host
+names are answered from a table (no DNS query), and connections go through `LoopbackOnlyTransport`, which appends
+every attempt to a file and opens none to an address outside 127.0.0.0/8 and ::1. Even if the public-address check
+regressed, such a server would send packets to loopback only, and the file shows the attempt.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
-from typing import Callable, Sequence
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -123,3 +132,97 @@ class MediaFetcher:
             if len(data) > self.max_bytes:
                 raise RequestError(f"image URL body is over the limit of {self.max_bytes} bytes", "image_url")
         return bytes(data)
+
+
+def ip_literal(host: str) -> str | None:
+    """The address a literal host names ('::1', '127.0.0.1', and inet_aton's '2130706433' or '0x7f000001'), else None.
+
+    Parsing only: nothing is looked up.
+    """
+    try:
+        return str(ipaddress.ip_address(host.strip("[]").split("%")[0]))
+    except ValueError:
+        pass
+    try:
+        return socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    """True for a literal loopback address (127.0.0.0/8, ::1, ::ffff:127.x); a host name is never loopback here."""
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def table_resolver(table: Mapping[str, Sequence[str]]) -> Resolver:
+    """A resolver that answers from `table` (host -> addresses) and from literal addresses; never from DNS."""
+    known = {host.lower().rstrip("."): list(addresses) for host, addresses in table.items()}
+
+    def resolve(host: str, port: int) -> list[str]:
+        literal = ip_literal(host)
+        if literal is not None:
+            return [literal]
+        name = host.lower().rstrip(".")
+        if name not in known:
+            raise RequestError(f"image URL host {host!r} does not resolve (not in the resolver table)", "image_url")
+        return known[name]
+
+    return resolve
+
+
+class LoopbackOnlyTransport(httpx.BaseTransport):
+    """An httpx transport that appends every request it is asked to send to `record` (one JSON line each:
+    host, port, url, allowed) and connects only to literal loopback addresses; anything else is a ConnectError
+    before a socket is opened.
+
+    One pooled transport serves every fetch of a MediaFetcher, so a client closing it does not close the pool.
+    """
+
+    def __init__(self, record: str | Path):
+        self.record = Path(record)
+        self._inner = httpx.HTTPTransport()
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        host = request.url.host
+        allowed = is_loopback(host)
+        line = {"host": host, "port": request.url.port, "url": str(request.url), "allowed": allowed}
+        with self._lock, self.record.open("a") as out:
+            out.write(json.dumps(line) + "\n")
+        if not allowed:
+            raise httpx.ConnectError(f"the loopback-only media transport refused to connect to {host}",
+                                     request=request)
+        return self._inner.handle_request(request)
+
+    def close(self) -> None:
+        """Kept open for the next fetch (see the class docstring)."""
+
+
+def read_attempts(record: str | Path) -> list[dict]:
+    """The attempts a LoopbackOnlyTransport recorded (none when the file does not exist)."""
+    path = Path(record)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class MediaSandbox:
+    """A server setting for tests and drills: resolve image hosts from `hosts` (no DNS) and fetch through a
+    LoopbackOnlyTransport that records every attempt in the file `record`."""
+
+    record: str
+    """JSON-lines file every fetch attempt is appended to (see `read_attempts`)."""
+    hosts: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    """Host name -> addresses; literal addresses need no entry, any other host does not resolve."""
+
+    def fetcher(self, allowed_domains: Sequence[str], max_bytes: int, timeout_s: float) -> MediaFetcher:
+        """A MediaFetcher that resolves from the table and connects through the recording transport."""
+        return MediaFetcher(allowed_domains, max_bytes, timeout_s, resolve=table_resolver(self.hosts),
+                            transport=LoopbackOnlyTransport(self.record))

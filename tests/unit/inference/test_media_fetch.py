@@ -1,9 +1,16 @@
-"""Remote image URLs: allow-list, public addresses only (pinned), size cap, redirects re-checked."""
+"""Remote image URLs: allow-list, public addresses only (pinned), size cap, redirects re-checked; the sandbox
+(table resolver + recording loopback-only transport) that tests and drills give a server."""
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from trimodal.inference.media_fetch import MediaFetcher, check_public, host_allowed, parse_domains
+from trimodal.inference import media_fetch
+from trimodal.inference.media_fetch import (MediaFetcher, MediaSandbox, check_public, host_allowed, ip_literal,
+                                            is_loopback, parse_domains, read_attempts, table_resolver)
 from trimodal.inference.messages import RequestError
 
 PUBLIC = "93.184.215.14"
@@ -90,3 +97,79 @@ def test_redirects_are_checked_again_and_errors_are_named():
     assert _fetcher(same_host)("http://img.example.com/a.png") == b"ok"
     with pytest.raises(RequestError, match="HTTP 404"):
         _fetcher(lambda r: httpx.Response(404))("http://img.example.com/a.png")
+
+
+def test_the_table_resolver_answers_literals_and_its_table_and_nothing_else():
+    resolve = table_resolver({"Metadata.Google.Internal": ["169.254.169.254"]})
+    assert resolve("metadata.google.internal.", 80) == ["169.254.169.254"]
+    assert resolve("10.0.0.1", 80) == ["10.0.0.1"] and resolve("::1", 80) == ["::1"]
+    assert resolve("2130706433", 80) == ["127.0.0.1"] and resolve("0x7f000001", 80) == ["127.0.0.1"]  # inet_aton
+    with pytest.raises(RequestError, match="does not resolve \\(not in the resolver table\\)"):
+        resolve("example.com", 80)
+    assert ip_literal("localhost") is None and ip_literal("[::1]") == "::1"
+    assert is_loopback("127.0.0.2") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("localhost") and not is_loopback("10.0.0.1") and not is_loopback("0.0.0.0")
+
+
+class _Image(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "7")
+        self.end_headers()
+        self.wfile.write(b"PNGDATA")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def loopback_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Image)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def connections(monkeypatch):
+    """Every address a socket is connected to in this test (the transport's only way out)."""
+    seen, real = [], socket.socket.connect
+
+    def connect(sock, address):
+        seen.append(address[0])
+        return real(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    return seen
+
+
+def test_the_sandbox_connects_to_loopback_only_and_records_every_attempt(tmp_path, monkeypatch, loopback_server,
+                                                                         connections):
+    """With check_public broken on purpose, a public and a private host reach the transport: it records both
+    and opens a socket to neither; the loopback image server is reached."""
+    monkeypatch.setattr(media_fetch, "check_public", lambda address, host: address)  # a regression
+    record = tmp_path / "attempts.jsonl"
+    sandbox = MediaSandbox(str(record), {"img.test": ("127.0.0.1",), "cdn.test": ("93.184.215.14",),
+                                         "metadata.google.internal": ("169.254.169.254",)})
+    fetch = sandbox.fetcher(("img.test", "cdn.test", "metadata.google.internal"), 1000, 5)
+    assert fetch(f"http://img.test:{loopback_server}/a.png") == b"PNGDATA"
+    for url in ("http://cdn.test/a.png", "http://metadata.google.internal/computeMetadata/v1/"):
+        with pytest.raises(RequestError, match="ConnectError: the loopback-only media transport refused"):
+            fetch(url)
+    assert fetch(f"http://img.test:{loopback_server}/b.png") == b"PNGDATA"  # one pooled transport, still open
+    attempts = read_attempts(record)
+    assert [(a["host"], a["allowed"]) for a in attempts] == [
+        ("127.0.0.1", True), ("93.184.215.14", False), ("169.254.169.254", False), ("127.0.0.1", True)]
+    assert connections and set(connections) == {"127.0.0.1"}
+
+
+def test_an_intact_check_refuses_before_the_transport_is_asked(tmp_path, connections):
+    record = tmp_path / "attempts.jsonl"
+    sandbox = MediaSandbox(str(record), {"localhost": ("127.0.0.1",), "metadata.google.internal": ("169.254.169.254",)})
+    fetch = sandbox.fetcher(("localhost", "metadata.google.internal", "10.0.0.1"), 1000, 5)
+    for url in ("http://localhost/a.png", "http://metadata.google.internal/", "http://10.0.0.1/"):
+        with pytest.raises(RequestError, match="non-public address"):
+            fetch(url)
+    assert read_attempts(record) == [] and connections == []
