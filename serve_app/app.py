@@ -11,6 +11,10 @@ LanguageModel into the Ingress through its constructor.
 HTTP host and port belong to Serve, not to an app: `serve run` binds 127.0.0.1:8000; use
 `serve start --http-host/--http-port`, a config file's http_options, or `serve.start(http_options=
 http_options(cfg))` for serving.host/port.
+
+Settings the server cannot start with (a run trained with another preset, an unknown argument or preset) end
+`serve run` with one line and exit status 1 before Ray starts; inside Ray (tests, `serve deploy`'s build task)
+they are raised as exceptions.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping
 
+import ray
 from ray import serve
 from ray.serve.config import HTTPOptions
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-from trimodal.config import TrimodalConfig
+from trimodal.config import ConfigError, TrimodalConfig
 
 from serve_app.deployments import LanguageModel, Speech, Vision
 from serve_app.ingress import Ingress
-from serve_app.settings import AppSettings, ingress_settings, lm_hidden_size, resolve_settings
+from serve_app.settings import AppSettings, SettingsError, ingress_settings, lm_hidden_size, resolve_settings
 
 BATCH_WAIT_S = {"Speech": 0.02, "Vision": 0.01, "LanguageModel": 0.02}
 """How long a replica waits to fill a batch after its first request arrives."""
@@ -96,7 +101,7 @@ def build_graph(s: AppSettings):
     lm = deployment(LanguageModel, "LanguageModel", s.lm_cpus, num_replicas=serving.lm_replicas)
     return bind_ingress(s, speech.bind(s.cfg, s.device, s.media_threads),
                         vision.bind(s.cfg, s.run_dir, lm_hidden_size(s.cfg), s.device, s.media_threads),
-                        lm.bind(s.cfg, s.run_dir, s.device, s.threads))
+                        lm.bind(s.cfg, s.run_dir, s.device, s.threads, s.test_token_delay_s))
 
 
 def bind_ingress(s: AppSettings, speech, vision, lm):
@@ -112,8 +117,14 @@ def bind_ingress(s: AppSettings, speech, vision, lm):
 
 def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None):
     """The application builder for `serve run serve_app:build_app key=value ...` and Serve config files."""
-    settings = resolve_settings(args, env)
-    print(f"[serve_app] preset {settings.cfg.name}; {settings.run_note}"
+    try:
+        settings = resolve_settings(args, env)
+    except (SettingsError, ConfigError) as exc:
+        if ray.is_initialized():
+            raise
+        raise SystemExit(f"[serve_app] cannot serve: {exc}") from None  # `serve run`: one line, exit status 1
+    where = f" ({settings.run_dir})" if settings.run_dir else ""
+    print(f"[serve_app] preset {settings.cfg.name}; {settings.run_note}{where}"
           f"{'; API key required' if settings.api_key else ''}", flush=True)
     return build_graph(settings)
 

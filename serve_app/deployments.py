@@ -5,21 +5,26 @@ Each class names its batchable methods in `BATCHED` ({single-item method: list m
 method runs a batch of one; the builder routes it through `serve.batch` instead, so concurrent calls share one
 forward pass. The LanguageModel decodes a batch with the KV cache in a worker thread and streams per-step
 deltas; a caller that goes away (client disconnect) marks its row cancelled and the decoder drops it.
+
+`describe()` answers what is loaded, naming sources and towers without server paths; the ingress's /readyz asks it
+of every deployment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
-from trimodal.config import TrimodalConfig
+from trimodal.config import ModelSource, TrimodalConfig
 from trimodal.inference.engine import Delta, ImageEncoder, Prompt, TextGenerator
 from trimodal.inference.generation import SamplingParams
 from trimodal.models.chat import Turn
@@ -31,6 +36,22 @@ def set_threads(threads: int | None) -> None:
     """Bound torch's intra-op threads in this replica (None: leave torch's default)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def public_name(name: str) -> str:
+    """A model name fit for clients: an absolute path becomes its last two parts (`clip/tower`)."""
+    path = Path(name)
+    return "/".join(path.parts[-2:]) if path.is_absolute() else name
+
+
+def source_label(source: ModelSource) -> str:
+    """`kind:name` of a model source, without server paths."""
+    return f"{source.kind}:{public_name(source.name)}"
+
+
+def prompt_token_limit(cfg: TrimodalConfig) -> int:
+    """The longest prompt, in tokens, the LanguageModel takes."""
+    return cfg.data.max_length * 8
 
 
 async def run_batch_of_one(batch_method, item) -> Any:
@@ -61,7 +82,7 @@ class Speech:
         return await loop.run_in_executor(self._executor, self.model.transcribe_batch, audios)
 
     def describe(self) -> dict:
-        return {"speech": f"{self.source.kind}:{self.source.name}"}
+        return {"speech": source_label(self.source)}
 
 
 class Vision:
@@ -95,7 +116,7 @@ class Vision:
 
     def describe(self) -> dict:
         info = self.encoder.tower.info
-        return {"vision_tower": info.model_id, "vision_tower_untrained": info.untrained,
+        return {"vision_tower": public_name(info.model_id), "vision_tower_untrained": info.untrained,
                 "projector_trained": self.encoder.trained, "num_patches": info.num_patches,
                 "image_size": info.image_size}
 
@@ -134,29 +155,60 @@ class CancelSet(set):
 _END = object()
 
 
+class SteadyGenerator:
+    """A stand-in for TextGenerator, for tests and drills: the real tokenizer and prompt limit, then "x" for every
+    token up to max_tokens, one decoding step every `delay_s` seconds whatever the model would say; a cancelled row
+    stops at the next step. Its answers take at least max_tokens * delay_s seconds, on any machine."""
+
+    def __init__(self, real: TextGenerator, delay_s: float):
+        self.encode = real.encode
+        self.delay_s = delay_s
+
+    def stream(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
+               cancelled: set[int]) -> Iterator[Delta]:
+        limits, counts = [p.max_tokens for p in params], [0] * len(prompts)
+        for step in range(1, max(limits) + 1):
+            live = [row for row in range(len(prompts)) if row not in cancelled and step <= limits[row]]
+            if not live:
+                break
+            time.sleep(self.delay_s)
+            for row in live:
+                counts[row] = step
+                yield Delta(row, "x", "length" if step == limits[row] else None, step)
+        for row in range(len(prompts)):
+            if counts[row] < limits[row]:
+                yield Delta(row, "", "cancelled", counts[row])
+
+
 class LanguageModel:
-    """The LM + tokenizer: prompts are tokenised per request, then decoded in dynamic batches with a KV cache."""
+    """The LM + tokenizer: prompts are tokenised per request, then decoded in dynamic batches with a KV cache.
+
+    `test_token_delay_s` > 0 swaps the decoder for a SteadyGenerator (tests that need answers of a known duration).
+    """
 
     BATCHED = {"decode": "decode_batch"}
 
-    def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None):
+    def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None,
+                 test_token_delay_s: float = 0.0):
         from trimodal.models.bundle import load_lm_for_run, read_run
 
         set_threads(threads)
         run = read_run(run_dir)
         lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
-        self.generator = TextGenerator(lm, tokenizer, end_id, max_length=cfg.data.max_length * 8)
-        self.info = {"language_model": f"{cfg.model.language_model.source.kind}:"
-                                       f"{cfg.model.language_model.source.name}",
+        self.generator = TextGenerator(lm, tokenizer, end_id, max_length=prompt_token_limit(cfg))
+        if test_token_delay_s > 0:
+            self.generator = SteadyGenerator(self.generator, test_token_delay_s)
+        self.info = {"language_model": source_label(cfg.model.language_model.source),
                      "adapter": run.has_adapter, "dtype": cfg.model.language_model.dtype}
-        self.counters = {"requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
+        self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def describe(self) -> dict:
         return dict(self.info)
 
     def stats(self) -> dict:
-        """Counters: requests, batches decoded, the largest batch, rows cancelled by their caller, rows active."""
+        """Counters: prompts received, requests decoded, batches, the largest batch, rows cancelled by their caller,
+        rows active."""
         return dict(self.counters)
 
     def prepare(self, request: GenerationRequest) -> Prompt:
@@ -171,6 +223,7 @@ class LanguageModel:
 
         The last dict has a finish_reason. If the caller stops iterating early, the row is cancelled.
         """
+        self.counters["prompts"] += 1
         try:
             prompt = self.prepare(request)
         except ValueError as exc:

@@ -5,7 +5,11 @@ in a worker thread), then its audio clips are transcribed and its images encoded
 and Vision deployments, and the answer is streamed from the LanguageModel. Every refusal is an OpenAI-shaped
 JSON error; overload (the handle's queue is full) and a model replica that died under the request (Serve starts
 a new one) are 503s with Retry-After; a request past its deadline is a 504 (or, mid-stream, an error event); a
-client that goes away cancels its row in the LanguageModel.
+client that goes away cancels its row in the LanguageModel. A prompt whose text is far over the LM's token limit
+is refused here, by counting characters, before any media is decoded or any tokenizer runs.
+
+`/healthz` is liveness (this process answers); `/readyz` is readiness: 200 only while Speech, Vision and the
+LanguageModel each answer a cheap call within `ready_timeout_s`, else 503 naming the parts that did not.
 
 The three model deployments arrive as DeploymentHandles (or `LocalHandle`s wrapping plain objects in tests).
 """
@@ -30,8 +34,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from trimodal.inference.media_fetch import MediaFetcher
-from trimodal.inference.messages import MediaLimits, ParsedRequest, RequestError, parse_messages
+from trimodal.inference.media_fetch import MediaFetcher, MediaSandbox
+from trimodal.inference.messages import MediaLimits, ParsedRequest, RequestError, parse_messages, text_chars
 from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, RequestLimits, bad_request,
                                            chunk_object, completion_object, error_body, models_object,
                                            parse_chat_request, parse_json_body, sse_event, usage_object)
@@ -58,16 +62,25 @@ class IngressSettings:
     max_body_bytes: int
     request_timeout_s: float
     preset: str = "custom"
-    run_dir: str | None = None
+    run_name: str | None = None
+    """The run's name (its directory relative to the runs directory), never a server path; None: no run."""
     api_key: str | None = None
-    """Bearer key guarding every route but /healthz (None: open)."""
+    """Bearer key guarding every route but /healthz and /readyz (None: open)."""
     allowed_media_domains: tuple[str, ...] = ()
     """Hosts remote image URLs may come from (empty: remote URLs refused)."""
+    media_sandbox: MediaSandbox | None = None
+    """Tests and drills: resolve image hosts from a table and fetch through a recording loopback-only transport."""
     fetch_timeout_s: float = 10.0
     retry_after_s: int = 1
     """Retry-After seconds on a 503."""
+    ready_timeout_s: float = 2.0
+    """How long /readyz waits for each deployment's answer."""
+    max_prompt_tokens: int = 0
+    """The LanguageModel's prompt limit in tokens (0: no character pre-check)."""
+    max_prompt_chars: int = 0
+    """Text over this many characters is refused before tokenising (see settings.CHARS_PER_TOKEN; 0: no check)."""
     run_note: str = ""
-    """How the run was chosen (for /v1/models)."""
+    """How the run was chosen (for /v1/models; names, not paths)."""
     details: dict = field(default_factory=dict)
 
 
@@ -101,8 +114,18 @@ def json_error(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+def media_fetcher(settings: IngressSettings) -> MediaFetcher | None:
+    """The fetcher for remote image URLs: None when no host is allowed; sandboxed when the settings say so."""
+    if not settings.allowed_media_domains:
+        return None
+    args = (settings.allowed_media_domains, settings.max_body_bytes, settings.fetch_timeout_s)
+    return settings.media_sandbox.fetcher(*args) if settings.media_sandbox else MediaFetcher(*args)
+
+
 class Ingress:
-    """Routes: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET / (+ /static/*)."""
+    """Routes: POST /v1/chat/completions, GET /v1/models, GET /healthz, GET /readyz, GET / (+ /static/*)."""
+
+    PARTS = ("Speech", "Vision", "LanguageModel")
 
     def __init__(self, speech, vision, lm, settings: IngressSettings,
                  overload_errors: tuple[type[BaseException], ...] = (),
@@ -115,14 +138,14 @@ class Ingress:
         self.overload_errors = tuple(overload_errors)
         self.unavailable_errors = tuple(unavailable_errors)
         self.created = int(time.time())
-        self.fetcher = (MediaFetcher(settings.allowed_media_domains, settings.max_body_bytes,
-                                     settings.fetch_timeout_s) if settings.allowed_media_domains else None)
+        self.fetcher = media_fetcher(settings)
         self.static = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.suffix in STATIC_TYPES}
         self._info: dict | None = None
 
     def asgi_app(self) -> Starlette:
         """The Starlette app serving every route."""
         routes = [Route("/healthz", self.healthz, methods=["GET"]),
+                  Route("/readyz", self.readyz, methods=["GET"]),
                   Route("/", self._guard(self.page, browser=True), methods=["GET"]),
                   Route("/static/{name}", self._guard(self.static_file, browser=True), methods=["GET"]),
                   Route("/v1/models", self._guard(self.models), methods=["GET"]),
@@ -198,7 +221,7 @@ class Ingress:
         if self._info is None:
             parts = await asyncio.gather(self.speech.describe.remote(), self.vision.describe.remote(),
                                          self.lm.describe.remote())
-            info = {"preset": self.settings.preset, "run": self.settings.run_dir, **self.settings.details}
+            info = {"preset": self.settings.preset, "run": self.settings.run_name, **self.settings.details}
             for part in parts:
                 info.update(part)
             info["note"] = self._note(info)
@@ -216,7 +239,33 @@ class Ingress:
     # -- routes -------------------------------------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
+        """Liveness: this process answers (says nothing about the model deployments)."""
         return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        """Readiness: 200 while every deployment answers; else 503 naming the parts that do not, and why."""
+        handles = (self.speech, self.vision, self.lm)
+        answers = await asyncio.gather(*(self.probe(handle) for handle in handles))
+        parts = dict(zip(self.PARTS, answers))
+        not_ready = [name for name, answer in parts.items() if answer != "ready"]
+        if not not_ready:
+            return JSONResponse({"status": "ready", "deployments": parts})
+        return JSONResponse({"status": "not ready", "not_ready": not_ready, "deployments": parts}, status_code=503,
+                            headers={"Retry-After": str(self.settings.retry_after_s)})
+
+    async def probe(self, handle) -> str:
+        """'ready' when the deployment answers `describe` within ready_timeout_s, else why not."""
+        call = handle.describe.remote()
+        timeout = self.settings.ready_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await call
+        except TimeoutError:
+            call.cancel()
+            return f"no answer within {timeout:g} s (starting, loading its model, or no live replica)"
+        except Exception as exc:  # a dead replica (ActorDiedError, ...), an unavailable deployment
+            return f"unavailable ({type(exc).__name__})"
+        return "ready"
 
     async def page(self, request: Request) -> Response:
         return Response(self.static["index.html"], media_type=STATIC_TYPES[".html"], headers=PAGE_HEADERS)
@@ -234,6 +283,7 @@ class Ingress:
         """Validate, transcribe and encode media concurrently, then answer whole or as server-sent events."""
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         chat = parse_chat_request(parse_json_body(await self.read_body(request)), self.settings.limits)
+        self.check_prompt_chars(chat.messages)
         image_size = (await self.model_info())["image_size"]
         parsed = await asyncio.to_thread(self.parse_messages, chat.messages, image_size)
         gen_request = await self._with_deadline(self.encode_media(parsed, chat), deadline)
@@ -258,6 +308,14 @@ class Ingress:
                 return await awaitable
         except TimeoutError:
             raise self._timed_out() from None
+
+    def check_prompt_chars(self, messages: Any) -> None:
+        """Refuse text far over the LM's token limit by its length alone (no tokenizer, no media decoded)."""
+        limit, chars = self.settings.max_prompt_chars, text_chars(messages)
+        if limit and chars > limit:
+            raise bad_request(f"the prompt's text is {chars:,} characters, far over the limit of "
+                              f"{self.settings.max_prompt_tokens} tokens (text over {limit:,} characters is refused "
+                              "before tokenising)", "messages", "context_length_exceeded")
 
     def parse_messages(self, messages: Any, image_size: int) -> ParsedRequest:
         """Validate messages, decode media (worker thread) and shrink images to what the tower needs."""

@@ -166,6 +166,21 @@ def _parse_parts(parts: list, param: str, limits: MediaLimits, req: ParsedReques
     return content
 
 
+def text_chars(messages: Any) -> int:
+    """Characters of text the messages would put in the prompt (string contents and text parts, stripped).
+
+    Cheap and tolerant: anything malformed counts 0 here and is refused by `parse_messages`.
+    """
+    total = 0
+    for msg in messages if isinstance(messages, list) else ():
+        body = msg.get("content") if isinstance(msg, dict) else None
+        parts = body if isinstance(body, list) else [{"type": "text", "text": body}]
+        for part in parts:
+            text = part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
+            total += len(text.strip()) if isinstance(text, str) else 0
+    return total
+
+
 def parse_messages(messages: Any, limits: MediaLimits,
                    fetch_url: Callable[[str], bytes] | None = None) -> ParsedRequest:
     """Validate OpenAI-style messages and decode their media."""

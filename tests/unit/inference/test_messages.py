@@ -4,7 +4,7 @@ import io
 import pytest
 from PIL import Image
 
-from trimodal.inference.messages import MediaLimits, RequestError, decode_image, parse_messages
+from trimodal.inference.messages import MediaLimits, RequestError, decode_image, parse_messages, text_chars
 from trimodal.models.chat import IMAGE_MARKER
 
 
@@ -96,3 +96,12 @@ def test_formats_outside_the_allow_list_are_refused_unopened(fmt):
 def test_allowed_formats_in_any_mode_decode_to_rgb(fmt, mode):
     image = decode_image(_saved(Image.new(mode, (9, 7)), fmt), max_pixels=1 << 20)
     assert image.mode == "RGB" and image.size == (9, 7)
+
+
+def test_text_chars_counts_the_prompt_text_only_and_tolerates_anything():
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 10_000}}
+    messages = [{"role": "system", "content": "  brief  "},
+                {"role": "user", "content": [image, {"type": "text", "text": "abc"}, {"type": "text", "text": 5}]},
+                {"role": "user", "content": None}, "not a message", {"content": ["odd part"]}]
+    assert text_chars(messages) == len("brief") + len("abc")
+    assert text_chars("not a list") == 0 and text_chars([]) == 0

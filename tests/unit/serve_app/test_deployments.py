@@ -4,7 +4,7 @@ row, image embeddings match the engine (also after the ingress shrinks a large i
 import asyncio
 import copy
 import sys
-import time
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives at the repo root
 
-from serve_app.deployments import GenerationRequest, Job, LanguageModel, Speech, Vision  # noqa: E402
+from serve_app.deployments import GenerationRequest, Job, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
 from serve_app.ingress import shrink_image  # noqa: E402
 from trimodal.inference.engine import Delta  # noqa: E402
 from trimodal.inference.generation import SamplingParams  # noqa: E402
@@ -79,14 +79,16 @@ def test_a_prompt_over_the_length_limit_is_an_error_item(lm):
 
 class ScriptedGenerator:
     """TextGenerator's stream contract, scripted: every running row gets "x" per step, 200 steps, then "length";
-    rows in `cancelled` stop at once and end with a "cancelled" delta."""
+    rows in `cancelled` stop at once and end with a "cancelled" delta. With a `gate`, each step first waits for
+    the consumer to release it, so which deltas a caller sees depends on nothing but the order of events."""
 
-    def __init__(self, real):
+    def __init__(self, real, gate: threading.Semaphore | None = None):
         self.encode = real.encode
+        self.gate = gate
 
     def stream(self, prompts, params, cancelled):
         for step in range(1, 201):
-            time.sleep(0.001)
+            self._wait_for_the_gate(len(prompts), cancelled)
             for row in range(len(prompts)):
                 if row not in cancelled:
                     yield Delta(row, "x", "length" if step == 200 else None, step)
@@ -96,42 +98,58 @@ class ScriptedGenerator:
             if row in cancelled:
                 yield Delta(row, "", "cancelled", 0)
 
+    def _wait_for_the_gate(self, rows: int, cancelled) -> None:
+        """Until the consumer releases the next step, or every row is cancelled (then there is nothing to do)."""
+        for _ in range(6000):
+            if self.gate is None or all(r in cancelled for r in range(rows)) or self.gate.acquire(timeout=0.01):
+                return
+        raise TimeoutError("the test never released the next step")
 
-@pytest.fixture
-def scripted(lm):
+
+def _scripted(lm, gate: threading.Semaphore | None = None) -> LanguageModel:
     twin = copy.copy(lm)
-    twin.generator = ScriptedGenerator(lm.generator)
+    twin.generator = ScriptedGenerator(lm.generator, gate)
     twin.counters = dict.fromkeys(lm.counters, 0)
     return twin
 
 
-def test_a_caller_that_leaves_cancels_its_row_and_the_others_finish(scripted):
-    jobs = [Job(scripted.prepare(_request("a")), SamplingParams()) for _ in range(2)]
+def test_a_caller_that_leaves_cancels_its_row_and_the_others_finish(lm):
+    """Step k+1 is released only once row 1's delta of step k arrived; row 0 leaves after exactly 3 deltas."""
+    gate = threading.Semaphore(1)
+    gated = _scripted(lm, gate)
+    jobs = [Job(gated.prepare(_request("a")), SamplingParams()) for _ in range(2)]
 
-    async def leave_early() -> tuple[list, list]:
+    async def leave_after_three() -> tuple[list, list]:
         first, second = [], []
-        async for step in scripted.decode_batch(jobs):
-            first.append(step[0])
+        async for step in gated.decode_batch(jobs):
+            first.extend(step[0] if step[0] is not StopIteration else [])
             second.extend(step[1] if step[1] is not StopIteration else [])
             if len(first) == 3:
                 jobs[0].cancelled = True  # what LanguageModel.generate does when its caller goes away
+            if step[1] is not StopIteration and step[1]:
+                gate.release()  # row 1's delta of this step arrived: allow the next step
         return first, second
 
-    first, second = asyncio.run(leave_early())
-    assert first[3] is StopIteration and all(step is StopIteration for step in first[3:])
-    assert sum(len(step) for step in first[:3]) < 20  # row 0 stopped early
+    first, second = asyncio.run(leave_after_three())
+    assert [d.text for d in first] == ["x"] * 3  # row 0 got exactly the steps before it left
     assert len(second) == 200 and second[-1].finish_reason == "length"  # the other row ran to its own end
 
 
-def test_closing_the_stream_cancels_the_row(scripted):
+def test_closing_the_stream_cancels_the_row(lm):
+    """Only step 1 is released: the caller leaves after its text, and the decoder has nothing else to do."""
+    gate = threading.Semaphore(1)
+    scripted = _scripted(lm, gate)
+
     async def close_after_first_text() -> None:
         gen = scripted.generate(_request("a"))
         assert "prompt_tokens" in await gen.__anext__()
-        assert (await gen.__anext__())["text"].startswith("x")
+        assert (await gen.__anext__())["text"] == "x"
         await gen.aclose()
+        await asyncio.to_thread(scripted._executor.submit(lambda: None).result, 60)  # the decoder has ended
 
     asyncio.run(close_after_first_text())
     assert scripted.stats()["cancelled"] == 1 and scripted.stats()["active"] == 0
+    gate.release(200)  # every step of the next answer
     items = asyncio.run(_collect(scripted.generate(_request("a"))))
     assert _answer(items) == ("x" * 200, "length") and scripted.stats()["cancelled"] == 1
 
@@ -161,3 +179,16 @@ def test_speech_transcribes_a_batch_and_silence_is_empty(test_cfg):
     texts = asyncio.run(speech.transcribe_batch([np.zeros(16000, np.float32), tone]))
     assert texts[0] == "" and isinstance(texts[1], str)
     assert asyncio.run(speech.transcribe(np.zeros(8000, np.float32))) == ""
+
+
+def test_the_steady_generator_answers_max_tokens_whatever_the_model_and_stops_when_cancelled(test_cfg):
+    steady = LanguageModel(test_cfg, None, test_token_delay_s=1e-6)
+    assert isinstance(steady.generator, SteadyGenerator)
+    items = asyncio.run(_collect(steady.generate(_request("hello", 40))))
+    assert items[0]["prompt_tokens"] > 0 and _answer(items) == ("x" * 40, "length")
+    prompt = steady.prepare(_request("hello"))
+    deltas = list(steady.generator.stream([prompt, prompt], [SamplingParams(max_tokens=5)] * 2, {1}))
+    assert [(d.row, d.text, d.finish_reason) for d in deltas] == [(0, "x", None)] * 4 + [
+        (0, "x", "length"), (1, "", "cancelled")]
+    with pytest.raises(ValueError, match="over the limit"):  # the real tokenizer and prompt limit
+        steady.prepare(_request("x" * 2000))

@@ -1,6 +1,8 @@
 """The Ingress as a plain class behind Starlette's TestClient, with plain deployments behind LocalHandles:
 routes and shapes, the API key (Bearer and Basic), body limits, overload (503 + Retry-After), timeouts (504, or an
-error event mid-stream). The full table of bad inputs runs over real HTTP in tests/integration/test_serve_app.py."""
+error event mid-stream), readiness apart from liveness, prompts refused by their length before the LM, and run
+names instead of server paths. The full table of bad inputs runs over real HTTP in
+tests/integration/test_serve_app.py."""
 
 import asyncio
 import base64
@@ -37,9 +39,11 @@ def parts(test_cfg):
     return Speech(test_cfg), Vision(test_cfg, None, hidden), LanguageModel(test_cfg, None)
 
 
-def _client(test_cfg, parts, api_key=None, timeout_s=30.0, lm=None, speech=None, max_body=None) -> TestClient:
+def _client(test_cfg, parts, api_key=None, timeout_s=30.0, lm=None, speech=None, max_body=None,
+            ready_timeout_s=2.0) -> TestClient:
     settings = ingress_settings(AppSettings(test_cfg, None, "no run (test)", api_key=api_key))
     settings.request_timeout_s = timeout_s
+    settings.ready_timeout_s = ready_timeout_s
     settings.max_body_bytes = max_body or settings.max_body_bytes
     sp, vi, model = parts
     ingress = Ingress(LocalHandle(speech or sp), LocalHandle(vi), LocalHandle(lm or model), settings, (Overloaded,),
@@ -192,3 +196,82 @@ def test_prompt_over_the_limit_is_400(test_cfg, parts):
     response = _client(test_cfg, parts).post(
         "/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 2000}]})
     assert response.status_code == 400 and response.json()["error"]["code"] == "context_length_exceeded"
+
+
+class DeadLM(OverloadedLM):
+    """Every call fails the way a call to a SIGKILLed replica does."""
+
+    async def describe(self) -> dict:
+        raise ReplicaDied("The actor died unexpectedly before finishing this task.")
+
+
+class LoadingLM(OverloadedLM):
+    """A replica still loading its model: no call is answered."""
+
+    async def describe(self) -> dict:
+        await asyncio.Event().wait()
+
+
+READY = {"Speech": "ready", "Vision": "ready", "LanguageModel": "ready"}
+
+
+def test_readyz_is_200_while_every_part_answers_and_503_naming_the_part_that_does_not(test_cfg, parts):
+    ready = _client(test_cfg, parts, api_key="k").get("/readyz")  # like /healthz, open to probes
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "deployments": READY}
+    dead = _client(test_cfg, parts, lm=DeadLM()).get("/readyz")
+    assert dead.status_code == 503 and dead.headers["retry-after"] == "1"
+    assert dead.json() == {"status": "not ready", "not_ready": ["LanguageModel"],
+                           "deployments": {**READY, "LanguageModel": "unavailable (ReplicaDied)"}}
+    loading = _client(test_cfg, parts, lm=LoadingLM(), ready_timeout_s=0.2)
+    body = loading.get("/readyz").json()
+    assert body["not_ready"] == ["LanguageModel"] and body["deployments"]["Vision"] == "ready"
+    assert body["deployments"]["LanguageModel"].startswith("no answer within 0.2 s")
+    assert loading.get("/healthz").json() == {"status": "ok"}  # liveness says nothing about the deployments
+
+
+def test_a_prompt_far_over_the_limit_is_refused_by_its_length_before_the_lm(test_cfg, parts):
+    lm = parts[2]
+    client, before = _client(test_cfg, parts), lm.stats()["prompts"]
+    for content in ("x" * 1_000_000, [{"type": "text", "text": "y" * 60_000}] * 2):
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}]})
+        error = response.json()["error"]
+        assert response.status_code == 400 and error["code"] == "context_length_exceeded", error
+        assert error["param"] == "messages" and "far over the limit of 768 tokens" in error["message"]
+    assert lm.stats()["prompts"] == before  # never reached the LanguageModel
+    near = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 2000}]})
+    assert near.json()["error"]["message"].startswith("prompt is ")  # under the bound: the LM counts tokens
+    assert lm.stats()["prompts"] == before + 1
+
+
+def _trained_run(runs: Path, cfg) -> Path:
+    """A finished run of the test preset with its own vision tower directory (as stage 0 + stage 1 leave one)."""
+    from safetensors.torch import save_file
+
+    from trimodal.models.projector import build_projector
+    from trimodal.models.vision import random_vision_tower
+
+    tower = random_vision_tower(cfg.model.vision)
+    tower.model.save_pretrained(runs / "clip" / "tower", safe_serialization=True)
+    final = runs / "pretrain" / "final"
+    final.mkdir(parents=True)
+    projector = build_projector(tower.info.hidden_size, cfg.model.language_model.random_shape.hidden_size)
+    save_file(projector.state_dict(), str(final / "projector.safetensors"))
+    (final / "run.json").write_text(json.dumps({"preset": "test", "vision_tower": str(runs / "clip" / "tower")}))
+    return final
+
+
+def test_models_and_the_page_show_run_names_never_server_paths(test_cfg, tmp_path):
+    from serve_app.settings import resolve_settings
+
+    _trained_run(tmp_path / "runs", test_cfg)
+    s = resolve_settings({"preset": "test", "runs_dir": str(tmp_path / "runs")}, env={})
+    hidden = test_cfg.model.language_model.random_shape.hidden_size
+    ingress = Ingress(LocalHandle(Speech(s.cfg)), LocalHandle(Vision(s.cfg, s.run_dir, hidden)),
+                      LocalHandle(LanguageModel(s.cfg, s.run_dir)), ingress_settings(s))
+    client = TestClient(ingress.asgi_app())
+    models = client.get("/v1/models")
+    details = models.json()["data"][0]["trimodal"]
+    assert details["run"] == "pretrain" and details["vision_tower"] == "clip/tower"
+    assert details["projector_trained"] is True and details["note"].startswith("run pretrain (the newest")
+    for text in (models.text, client.get("/").text, client.get("/static/app.js").text):
+        assert str(tmp_path) not in text and "/tmp" not in text
