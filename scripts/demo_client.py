@@ -15,7 +15,8 @@ def ask(client: OpenAI, title: str, content) -> None:
     print(f"\n[{title}] ({time.perf_counter() - start:.1f} s)")
     for transcript in (reply.model_extra or {}).get("transcripts", []):  # trimodal adds what the audio said
         print(f"  transcript used: {transcript!r}")
-    print(f"  {reply.choices[0].message.content.strip()}")
+    answer = reply.choices[0].message.content.strip()
+    print(f"  {answer}" if answer else f"  (an empty answer; finish reason {reply.choices[0].finish_reason})")
 
 
 def held_out_image_with_one_circle(shapes: Path) -> Path:

@@ -1,0 +1,145 @@
+"""The README's first command as a newcomer runs it: `scripts/demo.sh` (what `make demo` runs) end to end with a
+fresh empty HOME (no ~/.ray token, no weights cache), on the `test` preset with a few steps per stage, on private
+Ray ports and temp dir; then the stop command. Also the demo's own first-contact mistakes: its serving port taken,
+a second demo while one runs, and a stop when nothing runs.
+
+While the demo serves, every listening socket of its processes must be on loopback, except the one Ray cannot be
+told to bind elsewhere (README, "Ports"): each Serve replica's inter-deployment gRPC server, which Ray 2.60 binds to
+all interfaces and guards with the cluster token.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_TIMEOUT_S = 1500
+STEPS = ["1/10 install", "2/10 local Ray head", "3/10 synthetic shapes set", "4/10 stage 0", "5/10 preprocess",
+         "6/10 stage 1", "7/10 stage 2", "8/10 evaluate", "9/10 serve run", "10/10 ask over HTTP"]
+QUESTIONS = ["[text: What is the capital of France?]", "[image ", "[spoken question (what_color.wav)"]
+RAY_ONLY_ALL_INTERFACES = re.compile(r"^ray::ServeReplica:")
+"""Processes allowed to listen beyond loopback: Serve replicas' token-guarded inter-deployment gRPC servers."""
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="module")
+def newcomer(tmp_path_factory) -> dict[str, str]:
+    """The environment of a machine where Ray never ran: fresh HOME, private ports, temp dir and runs dir."""
+    home = tmp_path_factory.mktemp("home")
+    temp = Path(tempfile.mkdtemp(prefix="rdemo", dir="/tmp"))  # short: Ray's socket paths stay < 108 chars
+    ray, dash, serve, client, agent, agent_grpc, runtime_env, metrics = free_ports(8)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "TRIMODAL_"))}
+    env |= {"HOME": str(home), "RUNS": str(tmp_path_factory.mktemp("runs")), "PRESET": "test",
+            "STEPS0": "2", "STEPS1": "2", "STEPS2": "2", "SHAPES_TRAIN": "16", "SHAPES_VAL": "4",
+            "RAY_PORT": str(ray), "DASHBOARD_PORT": str(dash), "TRIMODAL_PORT": str(serve),
+            "RAY_START_ARGS": f"--temp-dir={temp} --ray-client-server-port={client} "
+                              f"--dashboard-agent-listen-port={agent} --dashboard-agent-grpc-port={agent_grpc} "
+                              f"--runtime-env-agent-port={runtime_env} --metrics-export-port={metrics}"}
+    yield env
+    subprocess.run(["bash", "scripts/demo.sh", "stop"], cwd=ROOT, env=env, capture_output=True, timeout=120)
+
+
+def demo(env: dict[str, str], *args: str, timeout: float = DEMO_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "scripts/demo.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_a_taken_serving_port_stops_the_demo_before_any_work(newcomer):
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", int(newcomer["TRIMODAL_PORT"])))
+        squatter.listen()
+        result = demo(newcomer, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"port {newcomer['TRIMODAL_PORT']} is taken" in lines[0] and "TRIMODAL_PORT=" in lines[0]
+    assert "== 1/10" not in result.stdout  # nothing was started
+
+
+def test_stop_when_nothing_runs_is_one_line(newcomer):
+    result = demo(newcomer, "stop", timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: nothing to stop"), lines
+
+
+def test_the_demo_on_a_fresh_machine_then_stop(newcomer):
+    first = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=ROOT, env=newcomer, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in first.stdout:  # until the first demo holds its lock (step 1 began)
+            seen.append(line)
+            if line.startswith("== 1/10"):
+                break
+        second = demo(newcomer, timeout=120)
+        out = "".join(seen) + first.communicate(timeout=DEMO_TIMEOUT_S)[0]
+    finally:
+        first.kill()
+    assert first.returncode == 0, out[-6000:]
+    lines = [line for line in second.stderr.splitlines() if line.strip()]
+    assert second.returncode != 0 and len(lines) == 1 and "a demo is already running" in lines[0], second.stderr
+
+    _check_steps_and_answers(out, newcomer)
+    token = Path(newcomer["HOME"]) / ".ray" / "auth_token"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
+    assert "[token] created" in out and token.read_text().strip() not in out  # made here, never printed
+
+    sockets = _listeners(newcomer)
+    exposed = [s for s in sockets if not s[0].startswith(("127.", "::ffff:127.", "::1"))]
+    assert sockets and not [s for s in exposed if not RAY_ONLY_ALL_INTERFACES.match(s[2])], sockets
+
+    stopped = demo(newcomer, "stop", timeout=180)
+    assert stopped.returncode == 0 and stopped.stdout.startswith("stopped:"), stopped.stdout + stopped.stderr
+    ports = [int(newcomer[k]) for k in ("RAY_PORT", "DASHBOARD_PORT", "TRIMODAL_PORT")]
+    assert not [p for p in ports if listening(p)] and not [s for s in sockets if listening(s[1])]
+
+
+def _check_steps_and_answers(out: str, env: dict[str, str]) -> None:
+    for step in STEPS:
+        block = out.split(f"== {step}", 1)
+        assert len(block) == 2, f"step {step!r} did not run:\n{out[-4000:]}"
+        assert re.search(rf"{re.escape(step)}[^\n]*: \d+ s\n", block[1]), f"step {step!r} has no time"
+    answers = out.split("== 10/10", 1)[1]
+    for question in QUESTIONS:
+        after = answers.split(question, 1)
+        assert len(after) == 2, f"{question!r} was not asked:\n{answers}"
+        reply = [line for line in after[1].splitlines()[1:] if not line.strip().startswith("transcript used")]
+        assert reply and reply[0].startswith("  ") and reply[0].strip(), answers
+    assert f"Web page:  open http://127.0.0.1:{env['TRIMODAL_PORT']}/" in out
+    assert "make demo-stop" in out.split("Done.", 1)[1]
+
+
+def _listeners(env: dict[str, str]) -> list[tuple[str, int, str]]:
+    result = subprocess.run([sys.executable, "scripts/local_head.py", "listeners", "--port", env["RAY_PORT"],
+                             "--serve-pid-file", str(Path(env["RUNS"]) / "serve.pid")], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = []
+    for line in result.stdout.splitlines():
+        ip, port, name = line.split(maxsplit=2)
+        rows.append((ip, int(port), name))
+    return rows
