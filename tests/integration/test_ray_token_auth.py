@@ -1,9 +1,9 @@
 """A token-authenticated Ray head refuses job submissions without the token (DESIGN.md section 7).
 
-Starts its own head exactly as the demo and scripts/local_jobs.sh do (`RAY_AUTH_MODE=token ray start --head` bound
-to 127.0.0.1), but with a private HOME (so a private ~/.ray/auth_token), private ports and its own --temp-dir, so it
-never touches another Ray on the machine; it is stopped by killing only the processes of that temp dir (never
-`ray stop`, which would stop every Ray on the machine).
+Starts its own head exactly as `make demo` and `make jobs` do (`scripts/local_head.py start`: it creates the token
+when missing, owner-only, and starts `ray start --head` with token auth on and every port on 127.0.0.1), with a fresh
+HOME (so the script makes a private ~/.ray/auth_token), private ports and its own --temp-dir, so it never touches
+another Ray on the machine; it is stopped the way `make demo-stop` stops it, then any survivor is killed.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).with_name("ray")
+LOCAL_HEAD = Path(__file__).resolve().parents[2] / "scripts" / "local_head.py"
 PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
               "--ray-client-server-port", "--runtime-env-agent-port", "--metrics-export-port",
               "--node-manager-port", "--object-manager-port")
@@ -116,16 +118,19 @@ def token_head():
     env = clean_env(home, RAY_AUTH_MODE="token")
     ports = free_ports(len(PORT_FLAGS))
     try:
-        subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, timeout=60,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        token = (home / ".ray" / "auth_token").read_text().strip()
-        cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
-               "--num-cpus=1", "--disable-usage-stats", f"--temp-dir={root / 'ray'}",
-               *(f"{flag}={port}" for flag, port in zip(PORT_FLAGS, ports))]
-        started = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=180)
+        start = [sys.executable, str(LOCAL_HEAD), "start", f"--port={ports[0]}", f"--dashboard-port={ports[1]}", "--",
+                 f"--temp-dir={root / 'ray'}", *(f"{flag}={port}" for flag, port in zip(PORT_FLAGS[2:], ports[2:]))]
+        started = subprocess.run(start, env=env, cwd=root, capture_output=True, text=True, timeout=300)
         if started.returncode != 0:
-            pytest.fail(f"ray start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+            pytest.fail(f"local_head.py start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        token_file = home / ".ray" / "auth_token"
+        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600, "the token must be readable by its owner only"
+        token = token_file.read_text().strip()
+        assert token not in started.stdout + started.stderr, "the token must never be printed"
         yield Head(f"http://127.0.0.1:{ports[1]}", home, token, outsider)
+        stopped = subprocess.run([sys.executable, str(LOCAL_HEAD), "stop", f"--port={ports[0]}"], env=env, cwd=root,
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     finally:
         stop_processes_of(root, gcs_port=ports[0])
         shutil.rmtree(root, ignore_errors=True)
