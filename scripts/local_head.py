@@ -31,6 +31,9 @@ RAY = Path(sys.executable).with_name("ray")
 HEAD_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 """Token auth on, loopback only, no usage report: for the head and everything started from this shell."""
 LOOPBACK = ("127.", "::1", "::ffff:127.")
+ALL_INTERFACES_BY_RAY = "ray::ServeReplica:"
+"""The one listener Ray cannot be told to keep on loopback: each Serve replica's inter-deployment gRPC server (Ray
+2.60's serve/_private/replica.py binds it to "[::]:0"). With token auth on, Ray's auth interceptor guards it."""
 
 
 class HeadError(RuntimeError):
@@ -211,9 +214,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_listeners(port: int, serve_pid_file: Path | None, check: bool) -> int:
     rows = listeners(port, serve_pid_file)
+    exposed = []
     for ip, number, name in rows:
-        print(f"{ip:<24} {number:>6}  {name}")
-    exposed = [r for r in rows if not r[0].startswith(LOOPBACK)]
+        note = ""
+        if not ip.startswith(LOOPBACK):
+            known = name.startswith(ALL_INTERFACES_BY_RAY)
+            note = "  (all interfaces: Serve's inter-deployment gRPC, token-guarded)" if known else "  NOT LOOPBACK"
+            exposed += [] if known else [(ip, number, name)]
+        print(f"{ip:<24} {number:>6}  {name}{note}")
     if check and (exposed or not rows):
         print(f"error: {len(exposed)} of {len(rows)} listening sockets are not on loopback" if rows
               else f"error: no listening sockets found for a head on port {port}", file=sys.stderr)

@@ -134,3 +134,28 @@ def test_a_job_under_a_python_without_the_project_says_what_to_do(tmp_path, dirs
         result = run_job([f"jobs/{job}.py", "--help"], ROOT, python=str(bare / "bin" / "python"))
         line = assert_one_clear_line(result, "error", "virtual environment", "ray start")
         assert str(bare) in line and "torch" in line
+
+
+LISTENERS_OF_A_LOCAL_RAY = """
+import psutil, ray
+from trimodal.cli import init_ray
+init_ray("local")
+ray.get(ray.remote(lambda: 1).remote())  # a worker is up too
+me = psutil.Process()
+pids = {me.pid, *(c.pid for c in me.children(recursive=True))}
+for conn in psutil.net_connections("tcp"):
+    if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+        print(conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name())
+ray.shutdown()
+"""
+
+
+def test_a_job_without_a_cluster_starts_a_local_ray_on_loopback_only(tmp_path):
+    """Without the single-node switch in the environment (the suite sets it), as a user's shell runs a job."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")}
+    result = subprocess.run([sys.executable, "-c", LISTENERS_OF_A_LOCAL_RAY], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
+    assert len(rows) >= 3, result.stdout  # GCS, raylet, agents at least
+    assert not [r for r in rows if not r[0].startswith(("127.", "::ffff:127.", "::1"))], rows
