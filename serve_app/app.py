@@ -85,23 +85,27 @@ def _actor_options(s: AppSettings, name: str, cpus: float) -> dict:
     return options
 
 
+def model_deployment(s: AppSettings, cls: type, name: str, cpus: float, **extra: Any):
+    """A model class as a Serve deployment: batching, request limits and resources from the settings."""
+    serving = s.cfg.serving
+    batched = with_batching(cls, serving.max_batch_size, BATCH_WAIT_S[name])
+    return serve.deployment(batched, name=name, ray_actor_options=_actor_options(s, name, cpus),
+                            max_ongoing_requests=serving.max_ongoing_requests,
+                            max_queued_requests=serving.max_queued_requests, **extra)
+
+
+def bind_lm(s: AppSettings):
+    """The LanguageModel deployment, bound (tests bind one with test_token_delay_s behind a second ingress)."""
+    lm = model_deployment(s, LanguageModel, "LanguageModel", s.lm_cpus, num_replicas=s.cfg.serving.lm_replicas)
+    return lm.bind(s.cfg, s.run_dir, s.device, s.threads, s.test_token_delay_s)
+
+
 def build_graph(s: AppSettings):
     """Bind Speech, Vision and LanguageModel into the Ingress, each with its Serve options."""
-    serving = s.cfg.serving
-    limits = {"max_ongoing_requests": serving.max_ongoing_requests,
-              "max_queued_requests": serving.max_queued_requests}
-
-    def deployment(cls: type, name: str, cpus: float, **extra: Any):
-        batched = with_batching(cls, serving.max_batch_size, BATCH_WAIT_S[name])
-        return serve.deployment(batched, name=name, ray_actor_options=_actor_options(s, name, cpus),
-                                **limits, **extra)
-
-    speech = deployment(Speech, "Speech", s.media_cpus)
-    vision = deployment(Vision, "Vision", s.media_cpus)
-    lm = deployment(LanguageModel, "LanguageModel", s.lm_cpus, num_replicas=serving.lm_replicas)
+    speech = model_deployment(s, Speech, "Speech", s.media_cpus)
+    vision = model_deployment(s, Vision, "Vision", s.media_cpus)
     return bind_ingress(s, speech.bind(s.cfg, s.device, s.media_threads),
-                        vision.bind(s.cfg, s.run_dir, lm_hidden_size(s.cfg), s.device, s.media_threads),
-                        lm.bind(s.cfg, s.run_dir, s.device, s.threads, s.test_token_delay_s))
+                        vision.bind(s.cfg, s.run_dir, lm_hidden_size(s.cfg), s.device, s.media_threads), bind_lm(s))
 
 
 def bind_ingress(s: AppSettings, speech, vision, lm):

@@ -1,10 +1,13 @@
 """The Serve graph on a local Ray, through real HTTP on 127.0.0.1, with the `test` preset.
 
 One Serve instance runs two applications for the whole module: `main`, the whole graph (open; remote images
-allowed from `localhost` only, to show that a listed host resolving to loopback is still refused), and `guarded`,
-a second Ingress on main's model replicas (an API key, one ongoing + one queued request, a 2 s request timeout).
-The official `openai` client, raw httpx and a headless Debian chromium (driven over the DevTools protocol) talk
-to them.
+allowed from `localhost` only, to show that a listed host resolving to loopback is still refused; fetched through
+the media sandbox: `localhost` answered from a table, a loopback-only transport recording every attempt), and
+`guarded`, a second Ingress on main's Speech and Vision (an API key, one ongoing + one queued request, a 2 s request
+timeout) with its own LanguageModel that answers one token per 10 ms whatever the model (test_token_delay_s), so a
+3,000-token answer outlasts the timeout on any machine. The official `openai` client, raw httpx and a headless
+Debian chromium (driven over the DevTools protocol; no background networking, no host but 127.0.0.1 resolvable)
+talk to them.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from trimodal.inference.media_fetch import read_attempts
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"
@@ -41,6 +46,8 @@ COMMON = {"preset": "test", "run": "none", "threads": 1, "serving.max_tokens_lim
 @dataclass
 class Server:
     url: str
+    media_record: Path
+    """Every remote-media fetch main's transport was asked to make (JSON lines)."""
 
     def post(self, path: str, body=None, raw=None, headers=None, timeout: float = 60) -> httpx.Response:
         content = raw if raw is not None else json.dumps(body).encode()
@@ -58,25 +65,29 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from serve_app.app import bind_ingress, build_app
+    from serve_app.app import bind_ingress, bind_lm, build_app
     from serve_app.settings import resolve_settings
 
     if ray.is_initialized():
         ray.shutdown()
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     port = _free_port()
+    record = tmp_path_factory.mktemp("media") / "fetch-attempts.jsonl"
+    sandbox = {"record": str(record), "hosts": {"localhost": ["127.0.0.1", "::1"]}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(COMMON, env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}), name="main", route_prefix="/")
-    # A second front door on main's model replicas: an API key, 1 ongoing + 1 queued request, a 2 s timeout.
+    serve.run(build_app({**COMMON, "media_sandbox": sandbox}, env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}),
+              name="main", route_prefix="/")
+    # A second front door: an API key, 1 ongoing + 1 queued request, a 2 s timeout, a steady 10 ms-per-token LM.
     guarded = resolve_settings({**COMMON, "serving.max_ongoing_requests": 1, "serving.max_queued_requests": 1,
-                                "serving.request_timeout_s": 2}, env={"TRIMODAL_API_KEY": KEY})
-    handles = [serve.get_deployment_handle(name, app_name="main") for name in ("Speech", "Vision", "LanguageModel")]
-    serve.run(bind_ingress(guarded, *handles), name="guarded", route_prefix="/guarded")
-    yield Server(f"http://127.0.0.1:{port}")
+                                "serving.request_timeout_s": 2, "test_token_delay_s": 0.01},
+                               env={"TRIMODAL_API_KEY": KEY})
+    media = [serve.get_deployment_handle(name, app_name="main") for name in ("Speech", "Vision")]
+    serve.run(bind_ingress(guarded, *media, bind_lm(guarded)), name="guarded", route_prefix="/guarded")
+    yield Server(f"http://127.0.0.1:{port}", record)
     serve.shutdown()
     ray.shutdown()
 
@@ -98,17 +109,6 @@ def long_prompt(server) -> str:
         if server.ask(prompt, max_tokens=1000).json()["choices"][0]["finish_reason"] == "length":
             return prompt
     pytest.fail("no prompt makes the random test LM generate 1000 tokens")
-
-
-@pytest.fixture(scope="module")
-def slow_prompt(server) -> str:
-    """A prompt whose 3000-token answer outlasts the `guarded` app's 2 s timeout (answered 504 when alone)."""
-    auth = {"Authorization": f"Bearer {KEY}"}
-    for prompt in CANDIDATE_PROMPTS:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 3000}
-        if server.post("/guarded/v1/chat/completions", body, headers=auth).status_code == 504:
-            return prompt
-    pytest.fail("no prompt keeps the random test LM busy for 2 s")
 
 
 def lm_stats(app: str) -> dict:
@@ -157,13 +157,17 @@ def spoken_question() -> bytes:
 
 # -- the openai client ----------------------------------------------------------------------------------------
 
-def test_health_and_models(server, client):
+def test_health_readiness_and_models(server, client):
     assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+    ready = httpx.get(server.url + "/readyz", timeout=30)
+    assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
+    assert set(ready.json()["deployments"]) == {"Speech", "Vision", "LanguageModel"}
     model = client.models.list().data[0]
     assert model.id == MODEL
     details = model.model_extra["trimodal"]
     assert details["projector_trained"] is False and details["vision_tower_untrained"] is True
     assert "UNTRAINED" in details["note"] and details["run"] is None
+    assert str(ROOT) not in httpx.get(server.url + "/v1/models").text  # no server paths
 
 
 def test_text(client):
@@ -266,6 +270,7 @@ BAD_INPUTS = [
     ("stop of the wrong type", {**_messages("hi"), "stop": 7}, 400, "stop must be a string or a list"),
     ("several choices", {**_messages("hi"), "n": 3}, 400, "n must be 1"),
     ("prompt over the length limit", _messages("x" * 5000), 400, "over the limit of 768"),
+    ("prompt far over the length limit", _messages("x" * 1_000_000), 400, "far over the limit of 768 tokens"),
     ("body over max_body_bytes", b'{"pad": "' + b"x" * 2_100_000 + b'"}', 413, "over the limit of 2000000"),
 ]
 
@@ -279,6 +284,19 @@ def test_bad_input_is_refused_and_the_server_keeps_serving(server, name, body, s
     assert message in error["message"] and set(error) == {"message", "type", "param", "code"}
     assert error["type"] == "invalid_request_error"
     assert server.ask("still there?", max_tokens=2).status_code == 200
+    assert read_attempts(server.media_record) == []  # no remote fetch was even attempted, loopback or not
+
+
+def test_a_million_character_prompt_is_refused_by_the_ingress_and_never_reaches_the_lm(server, client):
+    import openai
+
+    before = lm_stats("main")["prompts"]
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 1_000_000}])
+    assert refused.value.status_code == 400 and refused.value.code == "context_length_exceeded"
+    assert "1,000,000 characters" in refused.value.message
+    assert lm_stats("main")["prompts"] == before
+    assert server.ask("hi", max_tokens=2).status_code == 200 and lm_stats("main")["prompts"] == before + 1
 
 
 def test_chunked_body_over_the_limit_is_413(server):
@@ -313,9 +331,10 @@ def test_client_disconnect_stops_generation(server, long_prompt):
     assert after["cancelled"] == before["cancelled"] + 1 and after["active"] == 0
 
 
-def test_overload_is_503_with_retry_after_and_slow_requests_time_out(server, slow_prompt):
+def test_overload_is_503_with_retry_after_and_slow_requests_time_out(server):
+    """`guarded` takes 1 request + 1 queued; its LM needs 30 s for 3,000 tokens, past the 2 s timeout."""
     auth = {"Authorization": f"Bearer {KEY}"}
-    body = {"messages": [{"role": "user", "content": slow_prompt}], "max_tokens": 3000}
+    body = {"messages": [{"role": "user", "content": "Tell me a long story"}], "max_tokens": 3000}
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda _: server.post("/guarded/v1/chat/completions", body, headers=auth),
                                   range(8)))
@@ -323,13 +342,16 @@ def test_overload_is_503_with_retry_after_and_slow_requests_time_out(server, slo
     rejected = [r for r in responses if r.status_code == 503]
     assert rejected and all(int(r.headers["retry-after"]) >= 1 for r in rejected), statuses
     timed_out = [r for r in responses if r.status_code == 504]
-    assert timed_out and timed_out[0].json()["error"]["code"] == "timeout", statuses
-    # The queued request starts with a fresh deadline once the first times out; on an idle machine it may finish.
-    assert set(statuses) <= {200, 503, 504} and statuses.count(200) <= 1, statuses
+    assert timed_out and {r.json()["error"]["code"] for r in timed_out} == {"timeout"}, statuses
+    assert set(statuses) == {503, 504}, statuses  # no answer can finish in time
     ok = server.post("/guarded/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                        "max_tokens": 2}, headers=auth)
-    assert ok.status_code == 200
-    assert lm_stats("main")["active"] == 0  # the timed-out rows were cancelled
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "xx"
+    deadline = time.time() + 30
+    while time.time() < deadline and lm_stats("guarded")["active"]:
+        time.sleep(0.2)
+    stats = lm_stats("guarded")
+    assert stats["active"] == 0 and stats["cancelled"] >= 1  # the timed-out rows were cancelled
 
 
 def test_api_key_on_and_off(server):
@@ -358,6 +380,7 @@ class Chromium:
     FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              "--disable-extensions", "--remote-debugging-port=0",
+             "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",  # no host but 127.0.0.1 resolves
              "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]  # a fake microphone (a beep)
 
     def __init__(self, executable: str, profile: Path):
