@@ -2,10 +2,13 @@
 
 Starts the serving graph with the `test` preset on a free port, with remote image URLs allowed from a list of
 loopback, private and metadata addresses (so the public-address check is what has to refuse them), or targets a
-running server with --url. Prints one line per request (status, error code, what was sent) and a summary: tried,
-2xx, 4xx, 5xx, no answer, statuses other than expected, Serve replica restarts (Ray state API), peak RSS growth of
-the server processes (sampled every 0.1 s), and whether a real chat completion still works. Goal: 0 5xx and 0
-restarts.
+running server with --url. The server it starts fetches media through the sandbox (`media_sandbox`): host names
+are answered from SANDBOX_HOSTS, never DNS, and the transport connects to loopback only and records every attempt,
+so even a regressed check sends no packet off the machine. Prints one line per request (status, error code, what
+was sent) and a summary: tried, 2xx, 4xx, 5xx, no answer, statuses other than expected, refusals for another
+reason than expected, remote fetches attempted, Serve replica restarts (Ray state API), peak RSS growth of the
+server processes (sampled every 0.1 s), and whether a real chat completion still works. Goal: 0 5xx, 0 wrong
+reasons, 0 fetch attempts and 0 restarts.
 
     python scripts/drills/bad_input_sweep.py                              # about a minute on 2 cores
     python scripts/drills/bad_input_sweep.py --url http://127.0.0.1:8000  # restarts and RSS: n/a
@@ -18,9 +21,11 @@ import base64
 import contextlib
 import json
 import socket
+import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -28,6 +33,7 @@ from PIL import Image
 
 import bad_media as media
 from drillkit import RssSampler, local_ray, print_table, server_processes, start_serve
+from trimodal.inference.media_fetch import is_loopback, read_attempts
 
 MODEL = "trimodal-test"
 SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1}
@@ -35,6 +41,13 @@ PRIVATE_HOSTS = ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", "localhost",
                  "0x7f000001", "::ffff:127.0.0.1", "192.168.1.1", "172.16.0.1", "100.64.0.1", "fe80::1",
                  "224.0.0.1", "metadata.google.internal")
 """Hosts on the sweep server's media allow-list: every one must still be refused for its address."""
+CONTROL_HOST, CONTROL_ADDRESS = "public-image.test", "93.184.215.14"
+"""An allowed host the sandbox resolves to a public address: check_public lets it through, so the transport gets
+the request, records it and refuses it without a socket (proof that the recorder sees what reaches it)."""
+SANDBOX_HOSTS = {"localhost": ["127.0.0.1", "::1"], "metadata.google.internal": ["169.254.169.254"],
+                 CONTROL_HOST: [CONTROL_ADDRESS]}
+"""The sandbox's resolver table (literal addresses, 2130706433 and 0x7f000001 included, need no entry)."""
+NON_PUBLIC = "non-public address"
 
 
 @dataclass
@@ -47,6 +60,8 @@ class Case:
     method: str = "POST"
     path: str = "/v1/chat/completions"
     raw_http: bytes | None = None
+    reason: str = ""
+    """Text the refusal's message must contain (empty: any)."""
 
 
 @dataclass
@@ -55,6 +70,12 @@ class Outcome:
     status: int | None
     code: str = ""
     seconds: float = 0.0
+    message: str = ""
+
+    @property
+    def wrong_reason(self) -> bool:
+        """Refused, but not for the reason the case expects."""
+        return bool(self.case.reason) and self.case.reason not in self.message
 
 
 def ask(content, **fields) -> dict:
@@ -107,7 +128,7 @@ def message_cases() -> list[Case]:
         Case("assistant message with an image", {"messages": [{"role": "user", "content": "hi"}, {
             "role": "assistant", "content": [image(media.png(8, 8))]}]}),
         Case("text with a lone surrogate", ask("caf\ud800 au lait")),
-        Case("1,000,000-character prompt", ask("x" * 1_000_000)),
+        Case("1,000,000-character prompt", ask("x" * 1_000_000), reason="far over the limit of"),
         Case("20,000 messages", {"messages": [{"role": "user", "content": "hi"}] * 20_000}),
     ]
 
@@ -194,11 +215,35 @@ def audio_cases() -> list[Case]:
 
 def url_cases() -> list[Case]:
     """Remote image URLs at private, loopback and metadata addresses, odd schemes and credentials."""
-    urls = [f"http://{h if ':' not in h else f'[{h}]'}/image.png" for h in PRIVATE_HOSTS]
-    urls += ["http://169.254.169.254/latest/meta-data/iam/", "file:///etc/passwd", "ftp://127.0.0.1/a.png",
-             "gopher://127.0.0.1:6379/_INFO", "http://user:secret@127.0.0.1/a.png", "https://example.com/cat.png",
-             "http://[::1]:6379/", "javascript:alert(1)"]
-    return [Case(f"image URL {u}", ask([url_image(u)])) for u in urls]
+    urls = [(f"http://{h if ':' not in h else f'[{h}]'}/image.png", NON_PUBLIC) for h in PRIVATE_HOSTS]
+    scheme = "must be http(s)://host/"
+    urls += [("http://169.254.169.254/latest/meta-data/iam/", NON_PUBLIC), ("file:///etc/passwd", scheme),
+             ("ftp://127.0.0.1/a.png", scheme), ("gopher://127.0.0.1:6379/_INFO", scheme),
+             ("http://user:secret@127.0.0.1/a.png", "must not carry credentials"),
+             ("https://example.com/cat.png", "not in the allowed media domains"),
+             ("http://[::1]:6379/", NON_PUBLIC), ("javascript:alert(1)", scheme)]
+    return [Case(f"image URL {u}", ask([url_image(u)]), reason=reason) for u, reason in urls]
+
+
+def allowed_domains() -> str:
+    """TRIMODAL_ALLOWED_MEDIA_DOMAINS of the sweep server: the hostile hosts and the sandbox's control host."""
+    return ",".join((*PRIVATE_HOSTS, CONTROL_HOST))
+
+
+def sandbox_args(record: Path) -> dict:
+    """The server's media_sandbox setting: SANDBOX_HOSTS, attempts recorded in `record`."""
+    return {"media_sandbox": {"record": str(record), "hosts": SANDBOX_HOSTS}}
+
+
+def control_fetch(url: str) -> Outcome:
+    """Ask for an image at CONTROL_HOST: the transport must be asked, record it, and refuse it (a 400)."""
+    case = Case(f"image URL http://{CONTROL_HOST}/image.png (sandbox control)",
+                ask([url_image(f"http://{CONTROL_HOST}/image.png")]),
+                reason="the loopback-only media transport refused to connect to " + CONTROL_ADDRESS)
+    with httpx.Client(timeout=60) as client:
+        outcome = send(client, url, case)
+    print_outcome(outcome)
+    return outcome
 
 
 def http_cases(limit: int) -> list[Case]:
@@ -243,7 +288,7 @@ def send_raw(url: str, request: bytes) -> int | None:
 
 
 def send(client: httpx.Client, url: str, case: Case) -> Outcome:
-    """Send one case; its status and OpenAI error code."""
+    """Send one case; its status, OpenAI error code and message."""
     start = time.perf_counter()
     if case.raw_http is not None:
         return Outcome(case, send_raw(url, case.raw_http), seconds=time.perf_counter() - start)
@@ -254,10 +299,11 @@ def send(client: httpx.Client, url: str, case: Case) -> Outcome:
     except httpx.HTTPError as exc:
         return Outcome(case, None, type(exc).__name__, time.perf_counter() - start)
     try:
-        code = (response.json().get("error") or {}).get("code") or ""
-    except ValueError:
-        code = "(not JSON)"
-    return Outcome(case, response.status_code, str(code), time.perf_counter() - start)
+        error = response.json().get("error") or {}
+    except (ValueError, AttributeError):
+        error = {"code": "(not JSON)"}
+    return Outcome(case, response.status_code, str(error.get("code") or ""), time.perf_counter() - start,
+                   str(error.get("message") or ""))
 
 
 @dataclass
@@ -268,11 +314,19 @@ class Sweep:
     restarts: int | None = None
     rss: RssSampler | None = None
     still_serving: bool = False
+    fetch_attempts: list[dict] | None = None
+    """What the sandbox transport was asked to fetch during the sweep (None: no sandbox to read)."""
+
+    @property
+    def non_loopback_attempts(self) -> list[dict]:
+        return [a for a in self.fetch_attempts or [] if not is_loopback(a["host"])]
 
 
-def run_sweep(url: str, cases: list[Case], watch_server: bool) -> Sweep:
-    """Warm up, then send every case one at a time (counting restarts and sampling server RSS if watching)."""
+def run_sweep(url: str, cases: list[Case], watch_server: bool, media_record: Path | None = None) -> Sweep:
+    """Warm up, then send every case one at a time (counting restarts and sampling server RSS if watching, and
+    reading the sandbox's record of fetch attempts when given)."""
     sweep = Sweep()
+    earlier = len(read_attempts(media_record)) if media_record is not None else 0
     with httpx.Client(timeout=120) as client:
         warm_up = ask([image(media.png(64, 64)), audio(media.wav(1.0)), {"type": "text", "text": "hi"}], max_tokens=4)
         client.post(url + "/v1/chat/completions", json=warm_up).raise_for_status()  # first-use allocations
@@ -287,11 +341,14 @@ def run_sweep(url: str, cases: list[Case], watch_server: bool) -> Sweep:
     if watch_server:
         after = server_processes()
         sweep.restarts = len(before.keys() - after.keys()) + sum(after[k] != v for k, v in before.items() if k in after)
+    if media_record is not None:
+        sweep.fetch_attempts = read_attempts(media_record)[earlier:]
     return sweep
 
 
 def print_outcome(o: Outcome) -> None:
     mark = "" if o.status in o.case.expect else f"  <- expected {'/'.join(map(str, o.case.expect))}"
+    mark += f"  <- not refused for: {o.case.reason}: {o.message[:100]}" if o.wrong_reason else ""
     print(f"{o.status or '-':>4} {o.code[:26]:<26} {o.seconds:5.2f}s  {o.case.name[:80]}{mark}", flush=True)
 
 
@@ -304,6 +361,9 @@ def report(sweep: Sweep) -> None:
         ("requests tried", len(sweep.outcomes)), ("2xx (valid edge cases)", classes["2xx"]),
         ("4xx", classes["4xx"]), ("5xx", classes["5xx"]), ("no answer", classes["no answer"]),
         ("status other than expected", len(unexpected)),
+        ("refused for another reason than expected", sum(o.wrong_reason for o in sweep.outcomes)),
+        ("remote fetches attempted (non-loopback)", na if sweep.fetch_attempts is None else
+         f"{len(sweep.fetch_attempts)} ({len(sweep.non_loopback_attempts)})"),
         ("server restarts (Serve replicas, proxy, controller)", na if sweep.restarts is None else sweep.restarts),
         *rss_rows(sweep.rss, na),
         ("a chat completion works afterwards", sweep.still_serving)])
@@ -330,14 +390,17 @@ def main() -> None:
         return
     from ray import serve
 
-    with local_ray(num_cpus=4):
-        url = start_serve(SERVE_ARGS, env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": ",".join(PRIVATE_HOSTS)})
+    with local_ray(num_cpus=4), tempfile.TemporaryDirectory(prefix="sweep-media-") as tmp:
+        record = Path(tmp) / "fetch-attempts.jsonl"
+        url = start_serve({**SERVE_ARGS, **sandbox_args(record)},
+                          env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": allowed_domains()})
         print(f"serving the test preset at {url}; {len(cases)} requests")
         try:
-            report(run_sweep(url, cases, watch_server=True))
+            report(run_sweep(url, cases, watch_server=True, media_record=record))
+            control = control_fetch(url)
+            print(f"sandbox control: {control.status}, transport records {read_attempts(record)[-1:]}")
         finally:
             serve.shutdown()
-
 
 if __name__ == "__main__":
     main()

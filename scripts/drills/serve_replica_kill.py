@@ -3,7 +3,8 @@
 Phase 1: `--clients` threads send chat completions with the official openai client and no retries for
 `--seconds` (or until 3 s after recovery, if later); after `--kill-after` seconds the LanguageModel replica's
 process (found with the Ray state API) gets SIGKILL. Prints requests sent, succeeded, failed, the status codes
-of the failures, and seconds from the kill until /healthz and a real chat completion answer again.
+of the failures, what /readyz answered right after the kill (503 naming the LanguageModel), and seconds from the
+kill until /readyz answers 200 and a real chat completion answers again.
 Phase 2: the same with the client retrying (openai max_retries, which honours Retry-After): nothing is lost.
 
     python scripts/drills/serve_replica_kill.py                  # test preset, about a minute on 2 cores
@@ -45,7 +46,9 @@ class Phase:
     """Retry-After values seen on 503s."""
     killed_pid: int = 0
     new_pid: int = 0
-    healthz_s: float | None = None
+    readyz_after_kill: tuple[int, dict] = (0, {})
+    """/readyz's status and JSON body right after the kill."""
+    ready_s: float | None = None
     chat_s: float | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -100,18 +103,23 @@ def kill_lm_replica() -> int:
     return replicas[0].pid
 
 
+def readiness(url: str) -> tuple[int, dict]:
+    """/readyz's status and JSON body."""
+    response = httpx.get(url + "/readyz", timeout=30)
+    return response.status_code, response.json()
+
+
 def recovery_times(url: str, killed_at: float, timeout_s: float = 180) -> tuple[float | None, float | None]:
-    """Seconds from the kill until /healthz answers 200, and until a chat completion answers 200."""
-    def healthz() -> float | None:
-        ok = httpx.get(url + "/healthz", timeout=5).status_code == 200
-        return time.monotonic() - killed_at if ok else None
+    """Seconds from the kill until /readyz answers 200, and until a chat completion answers 200."""
+    def ready() -> float | None:
+        return time.monotonic() - killed_at if readiness(url)[0] == 200 else None
 
     def chat() -> float | None:
         body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 4}
         ok = httpx.post(url + "/v1/chat/completions", json=body, timeout=60).status_code == 200
         return time.monotonic() - killed_at if ok else None
 
-    return wait_for(healthz, timeout_s), wait_for(chat, timeout_s)
+    return wait_for(ready, timeout_s), wait_for(chat, timeout_s)
 
 
 def run_phase(url: str, clients: int, seconds: float, kill_after: float, retries: int) -> Phase:
@@ -124,7 +132,8 @@ def run_phase(url: str, clients: int, seconds: float, kill_after: float, retries
     time.sleep(kill_after)
     phase.killed_pid = kill_lm_replica()
     killed_at = time.monotonic()
-    phase.healthz_s, phase.chat_s = recovery_times(url, killed_at)
+    phase.readyz_after_kill = readiness(url)
+    phase.ready_s, phase.chat_s = recovery_times(url, killed_at)
     time.sleep(max(3.0, seconds - (time.monotonic() - start)))
     stop.set()
     for thread in threads:
@@ -144,8 +153,14 @@ def report(title: str, phase: Phase) -> None:
         ("failures by status", codes), ("HTTP responses incl. retries", attempts),
         ("Retry-After on 503s", ", ".join(sorted(str(v) for v in phase.retry_after)) or "-"),
         ("killed LanguageModel pid", phase.killed_pid), ("replacement pid", phase.new_pid or "none"),
-        ("s until /healthz answers", _seconds(phase.healthz_s)),
+        ("/readyz right after the kill", _readiness(phase.readyz_after_kill)),
+        ("s until /readyz answers 200", _seconds(phase.ready_s)),
         ("s until a chat completion answers", _seconds(phase.chat_s))])
+
+
+def _readiness(answer: tuple[int, dict]) -> str:
+    status, body = answer
+    return f"{status} {', '.join(body.get('not_ready', [])) or body.get('status', '')}"
 
 
 def _seconds(value: float | None) -> str:
