@@ -25,11 +25,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -c "import torch, transformers, ray, whisper; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
 
+# -X faulthandler: a crash, even at interpreter exit after pytest has finished, prints every thread's stack.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -X faulthandler -m pytest tests
 
 test-fast: install
-	$(PY) -m pytest tests -m "not slow"
+	$(PY) -X faulthandler -m pytest tests -m "not slow"
 
 demo: install
 	@bash scripts/demo.sh

@@ -26,6 +26,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_sessionfinish(session, exitstatus):
+    """Leave nothing running into interpreter exit: a Ray left initialised is shut down here, and threads still alive
+    are named in the report (Ray's core worker is freed at shutdown; a thread that still uses it can crash the exit)."""
+    import sys
+    import threading
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        print("\n[conftest] Ray was still initialised at the end of the session; shutting it down", file=sys.stderr)
+        ray.shutdown()
+    alive = [t.name for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if alive:
+        print(f"\n[conftest] non-daemon threads alive at the end of the session: {alive}", file=sys.stderr)
+
+
 def require_binary(name: str, package: str | None = None) -> str:
     """Skip the calling test with a message naming the Debian package when a program is missing."""
     path = shutil.which(name)
