@@ -1,13 +1,30 @@
 """Question typing and answer scoring for conversations about held-out images.
 
-An answer counts when it contains the expected word (the colour, shape or number that the reference answer
-states). Questions of the shapes set are typed by their wording; other questions are typed `other` and are
-not scored by keyword.
+Questions of the shapes set are typed by their wording (`question_type`); other questions are typed `other` and
+are not scored. An answer is scored strictly (`answer_correct`): it counts only when it names exactly what the
+reference answer names, and nothing else of the same kind.
+
+- colour / shape: the set of colour (shape) words of the answer equals that of the reference. "It is red." is
+  right for "The circle is red."; "red and blue" and "The circle is green." are wrong.
+- count: the set of numbers the answer states equals the reference's; number words and digits are the same
+  number ("2" == "two"), so "There are two shapes." is wrong for "There is one shape.".
+- describe: the objects the answer names, each a (colour, shape) pair, equal the reference's, as a multiset in any
+  order. A colour names the next shape word ("a red circle"); a shape without a colour before it, or a colour
+  without a shape after it, is an object that matches nothing. A plural ("two red circles") names that many.
+
+Words are whole tokens (runs of letters or digits): "reddish" is not a colour and "squared" not a shape; the
+plural of a shape ("squares") is that shape.
+
+`lenient_answer_correct` is the scorer before issue 17, kept to compare old runs (`rescore_predictions`,
+`scripts/rescore.py`).
 """
 
 from __future__ import annotations
 
+import json
 import re
+from collections import Counter, defaultdict
+from pathlib import Path
 
 from trimodal.data.shapes import COLORS, SHAPES, parse_answer
 
@@ -17,6 +34,13 @@ QUESTION_PATTERNS: tuple[tuple[str, str], ...] = (
     ("count", r"^\s*how many\b"),
     ("describe", r"^\s*describe\b"),
 )
+NUMBERS: dict[str, int] = {word: n for n, word in enumerate(
+    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"))}
+"""Number words an answer may state a count with; any run of digits is a number too."""
+SHAPE_WORDS: dict[str, str] = {**{s: s for s in SHAPES}, **{s + "s": s for s in SHAPES}}
+"""Shape tokens (singular and plural) -> the shape."""
+RULES: tuple[str, ...] = ("lenient", "strict")
+"""The two scorers `rescore_predictions` compares."""
 
 
 def question_type(question: str) -> str:
@@ -28,21 +52,121 @@ def question_type(question: str) -> str:
     return "other"
 
 
-def _words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
+def tokens(text: str) -> list[str]:
+    """Lower-cased word tokens: maximal runs of letters or digits ("It's 2 red-ish" -> it, s, 2, red, ish)."""
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def _number(token: str) -> int | None:
+    if token.isdigit():
+        return int(token)
+    return NUMBERS.get(token)
+
+
+def named(qtype: str, text: str) -> set:
+    """What `text` names of a question type's kind: colours, shapes (plurals folded) or numbers (as ints)."""
+    if qtype == "color":
+        return {t for t in tokens(text) if t in COLORS}
+    if qtype == "shape":
+        return {SHAPE_WORDS[t] for t in tokens(text) if t in SHAPE_WORDS}
+    if qtype == "count":
+        return {n for n in map(_number, tokens(text)) if n is not None}
+    raise ValueError(f"no single-kind words for question type {qtype!r}")
+
+
+def described_objects(text: str) -> Counter:
+    """The (colour, shape) objects a description names, with multiplicity; None marks a missing half.
+
+    "a red circle and a blue square" -> {(red, circle): 1, (blue, square): 1}; "two red circles" ->
+    {(red, circle): 2}; "a circle" -> {(None, circle): 1}; "a red and blue square" -> {(red, None): 1,
+    (blue, square): 1}.
+    """
+    objects: Counter = Counter()
+    colour, count = None, None
+    for token in tokens(text):
+        if token in COLORS:
+            if colour is not None:
+                objects[colour, None] += 1
+            colour = token
+        elif token in SHAPE_WORDS:
+            plural = token != SHAPE_WORDS[token]
+            objects[colour, SHAPE_WORDS[token]] += (count or 2) if plural else 1
+            colour, count = None, None
+        elif _number(token) is not None and colour is None:
+            count = _number(token)
+    if colour is not None:
+        objects[colour, None] += 1
+    return objects
 
 
 def answer_correct(qtype: str, predicted: str, reference: str) -> bool | None:
-    """Whether `predicted` contains the expected word of `reference`; None when there is nothing to score.
-
-    For `describe`, every colour and shape word of the reference must appear in the prediction.
-    """
+    """Whether `predicted` names exactly what `reference` names (module docstring); None when there is nothing to
+    score: an `other` question, or a reference that names nothing of its type's kind."""
     if qtype == "other":
         return None
     if qtype == "describe":
-        needed = _words(reference) & (set(COLORS) | set(SHAPES))
-        return bool(needed) and needed <= _words(predicted.replace("squares", "square"))
+        expected = described_objects(reference)
+        return None if not expected else described_objects(predicted) == expected
+    expected = named(qtype, reference)
+    return None if not expected else named(qtype, predicted) == expected
+
+
+def _lenient_words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def lenient_answer_correct(qtype: str, predicted: str, reference: str) -> bool | None:
+    """The scorer before issue 17, kept to compare old runs: `predicted` counts when it contains the expected word
+    of `reference` (so an answer listing every colour counts); for `describe`, when it contains every colour and
+    shape word of the reference."""
+    if qtype == "other":
+        return None
+    if qtype == "describe":
+        needed = _lenient_words(reference) & (set(COLORS) | set(SHAPES))
+        return bool(needed) and needed <= _lenient_words(predicted.replace("squares", "square"))
     expected = parse_answer(qtype, reference)
     if expected is None:
         return None
-    return parse_answer(qtype, predicted) == expected or expected in _words(predicted)
+    return parse_answer(qtype, predicted) == expected or expected in _lenient_words(predicted)
+
+
+def rescore_rows(rows: list[dict]) -> dict:
+    """Score evaluation rows with both rules: {type: {"all" | "first_turn": {rule: [correct, total]}}}.
+
+    Only rows of kind "question" count; the type is the row's own (else typed from its question), and a row a rule
+    cannot score (None) is left out of that rule's total.
+    """
+    scorers = {"lenient": lenient_answer_correct, "strict": answer_correct}
+    table: dict = defaultdict(lambda: {"all": {r: [0, 0] for r in RULES}, "first_turn": {r: [0, 0] for r in RULES}})
+    for row in rows:
+        if row.get("kind") != "question":
+            continue
+        qtype = row.get("type") or question_type(row["question"])
+        for rule, scorer in scorers.items():
+            ok = scorer(qtype, row["predicted"], row["reference"])
+            if ok is None:
+                continue
+            for turns in ("all", "first_turn") if row.get("first_turn") else ("all",):
+                table[qtype][turns][rule][0] += int(ok)
+                table[qtype][turns][rule][1] += 1
+    return {qtype: table[qtype] for qtype in sorted(table)}
+
+
+def rescore_predictions(path: str | Path) -> dict:
+    """Re-score a run's `predictions.jsonl` (rows of evaluation/run_eval.py) with the lenient and the strict rule;
+    the result of `rescore_rows`."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    return rescore_rows([json.loads(line) for line in lines if line.strip()])
+
+
+def format_rescore(table: dict) -> str:
+    """A text table of `rescore_rows`'s result: per type and turns, accuracy and correct/total of both rules."""
+    out = [f"{'type':<10}{'turns':<12}{'lenient':>19}{'strict':>19}"]
+    for qtype, by_turns in table.items():
+        for turns, by_rule in by_turns.items():
+            cells = ""
+            for correct, total in (by_rule[r] for r in RULES):
+                shown = f"{correct / total:.3f}" if total else "-"
+                cells += f"{shown:>9}{f'{correct}/{total}':>10}"
+            out.append(f"{qtype:<10}{turns:<12}{cells}")
+    return "\n".join(out)
