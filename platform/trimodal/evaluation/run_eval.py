@@ -18,8 +18,8 @@ import torch
 from trimodal.config import config_from_dict
 from trimodal.evaluation.caption_metrics import cider_d, corpus_bleu
 from trimodal.evaluation.scoring import answer_correct, question_type
-from trimodal.inference.engine import Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams
+from trimodal.evaluation.batching import EvalPrompt, greedy_answers
+from trimodal.inference.engine import TextGenerator
 from trimodal.models.bundle import load_lm_for_run, load_projector, read_run
 from trimodal.models.chat import IMAGE_MARKER, Turn
 
@@ -35,30 +35,35 @@ def load_for_eval(run_dir: Path, vision_dim: int, device: str = "cpu"):
     return TextGenerator(lm, tokenizer, end_id), projector.to(device).eval(), cfg
 
 
-@torch.no_grad()
-def _answer(gen: TextGenerator, projector, jobs: list[tuple[list[Turn], np.ndarray]], num_patches: int,
-            batch_size: int, max_tokens: int) -> list[str]:
-    """Greedy answers for (turns, embedding) jobs, decoded `batch_size` at a time."""
-    answers: list[str] = []
-    param = next(projector.parameters())
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
-        prompts = []
-        for turns, emb in chunk:
-            feats = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(param.device).unsqueeze(0)  # [1, N, D]
-            prompts.append(Prompt(gen.encode(turns, num_patches), projector(feats)))
-        answers += [c.text.strip() for c in gen.generate(prompts, [SamplingParams(max_tokens=max_tokens)]
-                                                                   * len(prompts))]
-        print(f"[evaluate] {min(start + batch_size, len(jobs))}/{len(jobs)} answers", flush=True)
-    return answers
+def answer_all(gen: TextGenerator, projector, embeddings: dict[int, np.ndarray],
+               jobs: list[tuple[list[Turn], int, object, int]], num_patches: int, batch_size: int) -> list[str]:
+    """Greedy answers for (turns, image id, conversation, max_tokens) jobs, about `batch_size` decoded together."""
+    prompts = [EvalPrompt(gen.encode(turns, num_patches), image, group, most) for turns, image, group, most in jobs]
+    projected: dict[int, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def image_embeds(image: int) -> torch.Tensor:
+        if image not in projected:
+            param = next(projector.parameters())
+            feats = torch.from_numpy(np.asarray(embeddings[image], dtype=np.float32)).to(param.device)
+            projected[image] = projector(feats.unsqueeze(0))  # [N, D] -> [1, N, D] -> [1, N, H]
+        return projected[image]
+
+    def progress(done: int) -> None:
+        print(f"[evaluate] {done}/{len(jobs)} answers", flush=True)
+
+    return greedy_answers(gen, prompts, image_embeds, batch_size, progress)
 
 
-def caption_scores(gen, projector, embeddings: dict[int, np.ndarray], references: dict[int, list[str]],
-                   prompt: str, num_patches: int, batch_size: int) -> tuple[dict, list[dict]]:
-    """BLEU and CIDEr-D of generated captions, and the per-image predictions."""
+def caption_jobs(embeddings: dict[int, np.ndarray], references: dict[int, list[str]], prompt: str) -> list[tuple]:
+    """(turns, image id, group, max_tokens) of each held-out image's caption prompt, by image id."""
     ids = sorted(i for i in references if i in embeddings)
-    jobs = [([Turn("user", IMAGE_MARKER + prompt)], embeddings[i]) for i in ids]
-    preds = _answer(gen, projector, jobs, num_patches, batch_size, max_tokens=40)
+    return [([Turn("user", IMAGE_MARKER + prompt)], i, ("caption", i), 40) for i in ids]
+
+
+def caption_scores(jobs: list[tuple], preds: list[str], references: dict[int, list[str]]) -> tuple[dict, list[dict]]:
+    """BLEU and CIDEr-D of the generated captions, and the per-image predictions."""
+    ids = [image for _, image, _, _ in jobs]
     hyps = dict(zip(ids, preds))
     refs = {i: references[i] for i in ids}
     metrics = corpus_bleu(hyps, refs) if ids else {}
@@ -84,17 +89,13 @@ def question_jobs(conversations: list[dict]) -> list[dict]:
     return jobs
 
 
-def conversation_scores(gen, projector, embeddings: dict[int, np.ndarray], conversations: list[dict],
-                        num_patches: int, batch_size: int) -> tuple[dict, list[dict]]:
-    """Accuracy per question type, and the per-question predictions.
+def conversation_scores(jobs: list[dict], preds: list[str]) -> tuple[dict, list[dict]]:
+    """Accuracy per question type of the answers to `question_jobs`, and the per-question predictions.
 
     Later turns are answered after the reference answers of earlier ones, which can give the answer away ("Describe
     the image." names every shape's colour), so each type also reports `first_turn`: the questions that open their
     conversation, answered from the image alone.
     """
-    jobs = [j for j in question_jobs(conversations) if j["image_id"] in embeddings]
-    preds = _answer(gen, projector, [(j["history"], embeddings[j["image_id"]]) for j in jobs], num_patches,
-                    batch_size, max_tokens=32)
     tally: dict[tuple[str, bool], list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for job, pred in zip(jobs, preds):
@@ -162,9 +163,12 @@ def evaluate_run(run_dir: Path, data_dir: Path, split: str = "val", limit: int |
     dim = next(iter(embeddings.values())).shape[-1]
     gen, projector, cfg = load_for_eval(run_dir, dim, device)
     num_patches = next(iter(embeddings.values())).shape[0]
-    captions, cap_rows = caption_scores(gen, projector, embeddings, references, cfg.data.caption_prompt,
-                                        num_patches, batch_size)
-    questions, q_rows = conversation_scores(gen, projector, embeddings, conversations, num_patches, batch_size)
+    to_caption = caption_jobs(embeddings, references, cfg.data.caption_prompt)
+    asked = [j for j in question_jobs(conversations) if j["image_id"] in embeddings]
+    preds = answer_all(gen, projector, embeddings, to_caption + [(j["history"], j["image_id"], j["id"], 32)
+                                                                 for j in asked], num_patches, batch_size)
+    captions, cap_rows = caption_scores(to_caption, preds[:len(to_caption)], references)
+    questions, q_rows = conversation_scores(asked, preds[len(to_caption):])
     result = {"run": str(run_dir), "data": str(data_dir), "split": split, "captions": captions,
               "questions": questions, "seconds": round(time.perf_counter() - started, 1)}
     out = run_dir

@@ -1,0 +1,126 @@
+"""Evaluation benchmark: answering a run's held-out questions and captions the old way and the new, one table.
+
+  old b=1   one prompt at a time: prefill, then KV-cache steps until EOS (the one-at-a-time loop)
+  old b=16  16 prompts in their original order, left padded; every row is stepped until the batch's longest answer
+            ends, and the image is projected once per prompt (`jobs/evaluate.py` before batching.py)
+  new       `jobs/evaluate.py` now: the prompts of a conversation prefilled once as a chain, chains batched in order
+            of length, finished rows dropped from the batch and its KV cache, each image projected once
+
+Every way answers the same prompts (captions, then every assistant turn of the conversations) greedily; the table
+gives each way's wall and CPU seconds (CPU time is the steadier measure on a shared machine; with --threads 1 it is
+the work done), each over old b=16's, and how many answers differ from old b=1's (one at a time).
+
+    python bench/evaluate.py --run runs/demo/finetune --data runs/demo/data              # 200 images, minutes
+    python bench/evaluate.py --run RUN --data DATA --limit 20 --ways "old b=16,new"      # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trimodal.evaluation.batching import _text
+from trimodal.evaluation.run_eval import answer_all, caption_jobs, load_for_eval, question_jobs, read_split
+from trimodal.inference.engine import Prompt
+from trimodal.inference.generation import left_pad
+
+WAYS = ("old b=1", "old b=16", "new")
+
+
+@torch.no_grad()
+def old_decode(lm, prompts: list[torch.Tensor], max_tokens: int, eos_ids: set[int]) -> list[list[int]]:
+    """The old loop: every row of the batch is stepped until the last row ends."""
+    embeds, mask, positions = left_pad(prompts)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    running = [True] * len(prompts)
+    next_pos = positions[:, -1:] + 1
+    while True:
+        picks = out.logits[:, -1].argmax(-1)
+        for row, token in enumerate(picks.tolist()):
+            if running[row]:
+                running[row] = token not in eos_ids
+                tokens[row] += [token] if running[row] else []
+                running[row] = running[row] and len(tokens[row]) < max_tokens
+        if not any(running):
+            return tokens
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        out = lm(input_ids=picks.unsqueeze(-1), attention_mask=mask, position_ids=next_pos, cache=out.cache,
+                 use_cache=True, logits_to_keep=1)
+        next_pos = next_pos + 1
+
+
+@torch.no_grad()
+def old_answers(gen, projector, embeddings, jobs, num_patches: int, batch: int) -> list[str]:
+    """Answers the old way: captions, then questions, `batch` prompts at a time in their original order, one
+    projector call per prompt."""
+    answers = []
+    for start in range(0, len(jobs), batch):
+        chunk = jobs[start:start + batch]
+        prompts = []
+        for turns, image, _, _ in chunk:
+            feats = torch.from_numpy(np.asarray(embeddings[image], dtype=np.float32)).unsqueeze(0)  # [1, N, D]
+            prompts.append(gen.embed(Prompt(gen.encode(turns, num_patches), projector(feats))))
+        tokens = old_decode(gen.lm, prompts, chunk[0][3], gen.eos_ids)
+        answers += [_text(gen.tokenizer, t).strip() for t in tokens]
+    return answers
+
+
+def all_jobs(embeddings: dict, references: dict, conversations: list[dict], caption_prompt: str) -> list[tuple]:
+    """(turns, image id, group, max_tokens): the caption jobs, then the question jobs that evaluation answers."""
+    captions = caption_jobs(embeddings, references, caption_prompt)
+    questions = [(j["history"], j["image_id"], j["id"], 32) for j in question_jobs(conversations)
+                 if j["image_id"] in embeddings]
+    return captions + questions
+
+
+def run_way(way: str, gen, projector, embeddings, jobs, new_batch: int) -> tuple[float, float, list[str]]:
+    """(wall seconds, CPU seconds of this process, answers) of one way."""
+    patches = next(iter(embeddings.values())).shape[0]
+    started, cpu = time.perf_counter(), time.process_time()
+    if way == "new":
+        answers = answer_all(gen, projector, embeddings, jobs, patches, new_batch)
+    else:
+        batch = int(way.split("=")[1])
+        captions = [j for j in jobs if j[3] == 40]
+        answers = old_answers(gen, projector, embeddings, captions, patches, batch)
+        answers += old_answers(gen, projector, embeddings, jobs[len(captions):], patches, batch)
+    return time.perf_counter() - started, time.process_time() - cpu, answers
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, type=Path, help="a finished run (jobs/finetune.py --out)")
+    parser.add_argument("--data", required=True, type=Path, help="the jobs/preprocess.py output")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N held-out images")
+    parser.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the new way")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    embeddings, references, conversations = read_split(args.data, "val")
+    keep = set(sorted(embeddings)[:args.limit])
+    embeddings = {i: e for i, e in embeddings.items() if i in keep}
+    gen, projector, cfg = load_for_eval(args.run, next(iter(embeddings.values())).shape[-1])
+    jobs = all_jobs(embeddings, references, conversations, cfg.data.caption_prompt)
+    ways = [w.strip() for w in args.ways.split(",")]
+    print(f"{len(embeddings)} images, {len(jobs)} prompts, {args.threads} threads")
+    results = {}
+    for way in ways:
+        results[way] = run_way(way, gen, projector, embeddings, jobs, args.batch_size)
+        print(f"  {way}: {results[way][0]:.1f} s", flush=True)
+    base = results.get("old b=16", next(iter(results.values())))
+    single = results.get("old b=1", (0.0, 0.0, None))[2]
+    print("| way | seconds | vs old b=16 | CPU seconds | vs old b=16 | answers differing from old b=1 |\n"
+          "|---|---|---|---|---|---|")
+    for way, (seconds, cpu, answers) in results.items():
+        differ = "-" if single is None else str(sum(a != b for a, b in zip(answers, single)))
+        print(f"| {way} | {seconds:.1f} | {seconds / base[0]:.2f} | {cpu:.1f} | {cpu / base[1]:.2f} | {differ} |")
+
+
+if __name__ == "__main__":
+    main()
