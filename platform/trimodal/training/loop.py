@@ -8,7 +8,9 @@ the epoch) is checkpointed so a resumed run sees exactly the batches the interru
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,9 +23,9 @@ import torch
 
 from trimodal.config import StageConfig, TrimodalConfig, config_from_dict
 from trimodal.models.bundle import RunInfo
-from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state
+from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state, weights_digest
 from trimodal.training.collate import Batch, Collator
-from trimodal.training.metrics import MetricsLog
+from trimodal.training.metrics import MetricsLog, record_worker
 from trimodal.training.policies import StageModel, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
 
@@ -148,6 +150,20 @@ def _maybe_fail(opts: LoopOptions, step: int) -> None:
         raise RuntimeError(f"injected failure at step {step} (test hook)")
 
 
+def _record_worker(opts: LoopOptions, sm: StageModel, started: int, step: int, losses: list[float], data) -> None:
+    """This worker's line of `workers.jsonl`: its rank, the steps it ran, a digest of the input ids it trained on,
+    and digests of its projector and of all its trainable weights after the last step (equal on every rank when
+    the gradients were all-reduced)."""
+    context = ray.train.get_context()
+    trainable = {n: p for n, p in sm.model.named_parameters() if p.requires_grad}
+    record_worker(Path(opts.run_dir), {
+        "rank": context.get_world_rank(), "world_size": context.get_world_size(), "pid": os.getpid(),
+        "started_step": started, "step": step, "steps_run": len(losses),
+        "mean_loss": sum(losses) / len(losses) if losses else None, "data_sha256": data.hexdigest(),
+        "projector_sha256": weights_digest(sm.model.projector.state_dict()),
+        "trainable_sha256": weights_digest(trainable)})
+
+
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker)."""
     cfg = config_from_dict(config["cfg"])
@@ -173,12 +189,15 @@ def train_loop(config: dict) -> None:
     collate = Collator(sm.tokenizer, opts.num_patches, sm.image_end_id, cfg.data.max_length, cfg.data.caption_prompt)
     batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size, state, stage.seed)
     autocast = use_autocast(stage, device)
+    started, losses, data = state.step, [], hashlib.sha256()
     while state.step < stage.steps:
         start = time.perf_counter()
         state.epoch, index, batch = next(batches)
+        data.update(batch.input_ids.cpu().numpy().tobytes())
         batch = _to_device(batch, device)
         _maybe_fail(opts, state.step + 1)
         loss, n_targets = train_step(model, batch, optimizer, scheduler, autocast, device)
+        losses.append(loss)
         state.step, state.batch_in_epoch = state.step + 1, index + 1
         seconds = time.perf_counter() - start
         metrics = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "step_time_s": seconds,
@@ -190,3 +209,4 @@ def train_loop(config: dict) -> None:
         ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
         if ckpt or state.step % stage.log_every == 0:
             report(metrics, ckpt, lambda d: save_training_state(d, sm.model, optimizer, scheduler, state, cfg))
+    _record_worker(opts, sm, started, state.step, losses, data)

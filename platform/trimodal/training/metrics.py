@@ -1,5 +1,7 @@
 """Run visibility: a progress line every N steps, `metrics.jsonl` and a loss-curve PNG written as the run goes,
-and `attempts.jsonl`: one line per worker-group start (step it started at, pid, time), so restarts show."""
+`attempts.jsonl`: one line per worker-group start (step it started at, pid, time), so restarts show, and
+`workers.jsonl`: one line per worker that finished training (its rank, the steps it ran, a digest of the data it
+saw and of the weights it ends with), so a multi-worker run shows that every rank trained, in sync."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import time
 from pathlib import Path
 
 ATTEMPTS_FILE = "attempts.jsonl"
+WORKERS_FILE = "workers.jsonl"
 
 
 class MetricsLog:
@@ -59,6 +62,18 @@ class MetricsLog:
 def read_attempts(run_dir: Path) -> list[dict]:
     """The worker-group starts of a run, oldest first: {"step", "pid", "time"} each."""
     path = Path(run_dir) / ATTEMPTS_FILE
+    return read_metrics(path) if path.exists() else []
+
+
+def record_worker(run_dir: Path, row: dict) -> None:
+    """Append one worker's end-of-training record to `workers.jsonl`; every rank writes its own line."""
+    with (Path(run_dir) / WORKERS_FILE).open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+
+
+def read_workers(run_dir: Path) -> list[dict]:
+    """The end-of-training records of a run's workers, in the order they finished (`train_loop` writes them)."""
+    path = Path(run_dir) / WORKERS_FILE
     return read_metrics(path) if path.exists() else []
 
 

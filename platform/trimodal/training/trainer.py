@@ -4,6 +4,7 @@ Run directory layout (`--out DIR`):
   DIR/train/            Ray Train storage: checkpoint_* directories and the checkpoint manager snapshot
   DIR/metrics.jsonl     one line per step; DIR/loss.png the loss curve; DIR/samples.jsonl sample predictions
   DIR/attempts.jsonl    one line per worker-group start: the step it started at (a restart resumes > 0), pid
+  DIR/workers.jsonl     one line per worker that finished: rank, steps run, digests of its data and final weights
   DIR/final/            projector.safetensors, adapter/, config.yaml, run.json (what evaluation and serving load)
 """
 
@@ -20,7 +21,7 @@ import numpy as np
 
 from trimodal.config import StageConfig, TrimodalConfig
 from trimodal.training.loop import LoopOptions, train_loop
-from trimodal.training.metrics import ATTEMPTS_FILE
+from trimodal.training.metrics import ATTEMPTS_FILE, WORKERS_FILE
 from trimodal.training.samples import sample_prompts
 
 RAY_RUN_NAME = "train"
@@ -72,6 +73,7 @@ def check_resume(out_dir: Path, resume: bool) -> None:
     if not resume:
         shutil.rmtree(out_dir / "final", ignore_errors=True)
         (out_dir / ATTEMPTS_FILE).unlink(missing_ok=True)
+        (out_dir / WORKERS_FILE).unlink(missing_ok=True)
 
 
 def _samples(datasets, stage: int, cfg: TrimodalConfig, n: int = 3) -> list[dict]:
