@@ -17,6 +17,7 @@ the work done), each over old b=16's, and how many answers differ from old b=1's
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def main() -> None:
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the new way")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--save", type=Path, default=None, help="write every way's answers to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     embeddings, references, conversations = read_split(args.data, "val")
@@ -113,6 +115,8 @@ def main() -> None:
     for way in ways:
         results[way] = run_way(way, gen, projector, embeddings, jobs, args.batch_size)
         print(f"  {way}: {results[way][0]:.1f} s", flush=True)
+    if args.save is not None:
+        args.save.write_text(json.dumps({way: answers for way, (_, _, answers) in results.items()}, indent=1))
     base = results.get("old b=16", next(iter(results.values())))
     single = results.get("old b=1", (0.0, 0.0, None))[2]
     print("| way | seconds | vs old b=16 | CPU seconds | vs old b=16 | answers differing from old b=1 |\n"
