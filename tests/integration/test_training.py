@@ -154,6 +154,27 @@ def test_stage2_qlora_from_stage1_then_evaluate(data_dir, stage1_run, tmp_path):
     openers = [r for r in map(json.loads, lines) if r.get("first_turn") and r["correct"] is not None]
     assert len(openers) == sum(r["first_turn"]["total"] for r in saved["questions"].values()) > 0
     assert len(lines) == 6 + sum(r["total"] for r in saved["questions"].values()) + _unscored(lines)
+    assert [json.loads(ln)["predicted"] for ln in lines] == _one_at_a_time(tmp_path, data_dir)
+
+
+def _one_at_a_time(run_dir, data_dir) -> list[str]:
+    """Every prediction of evaluate_run, decoded one prompt at a time through TextGenerator.generate."""
+    from trimodal.evaluation.run_eval import caption_jobs, load_for_eval, question_jobs, read_split
+    from trimodal.inference.engine import Prompt
+    from trimodal.inference.generation import SamplingParams
+
+    embeddings, references, conversations = read_split(data_dir, "val")
+    gen, projector, cfg = load_for_eval(run_dir, next(iter(embeddings.values())).shape[-1])
+    jobs = caption_jobs(embeddings, references, cfg.data.caption_prompt)
+    jobs += [(j["history"], j["image_id"], j["id"], 32) for j in question_jobs(conversations)
+             if j["image_id"] in embeddings]
+    answers = []
+    with torch.no_grad():
+        for turns, image, _, max_tokens in jobs:
+            feats = projector(torch.from_numpy(embeddings[image].astype("float32")).unsqueeze(0))  # [1, N, H]
+            prompt = Prompt(gen.encode(turns, feats.shape[1]), feats)
+            answers.append(gen.generate([prompt], [SamplingParams(max_tokens=max_tokens)])[0].text.strip())
+    return answers
 
 
 def _unscored(lines: list[str]) -> int:
