@@ -17,8 +17,8 @@ def main() -> int:
     parser.add_argument("--data", required=True, type=Path, help="the jobs/preprocess.py output directory")
     parser.add_argument("--split", default="val")
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out images")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="prompts decoded together (about: an image's prompts are never split)")
+    parser.add_argument("--batch-size", type=int, default=128,
+                        help="prompts decoded together (about: an image's prompts are never split; less saves memory)")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     from trimodal.cli import require_data_dir, require_run, run_job

@@ -153,7 +153,7 @@ def read_split(data_dir: Path, split: str) -> tuple[dict[int, np.ndarray], dict[
 
 
 def evaluate_run(run_dir: Path, data_dir: Path, split: str = "val", limit: int | None = None,
-                 batch_size: int = 64, device: str = "cpu") -> dict:
+                 batch_size: int = 128, device: str = "cpu") -> dict:
     """Evaluate a run on `split`; write RUN/eval.json and RUN/predictions.jsonl; return the result."""
     started = time.perf_counter()
     embeddings, references, conversations = read_split(data_dir, split)
