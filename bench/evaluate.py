@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--data", required=True, type=Path, help="the jobs/preprocess.py output")
     parser.add_argument("--limit", type=int, default=None, help="only the first N held-out images")
     parser.add_argument("--ways", default=",".join(WAYS), help=f"comma list of {', '.join(WAYS)}")
-    parser.add_argument("--batch-size", type=int, default=16, help="prompts per batch of the new way")
+    parser.add_argument("--batch-size", type=int, default=128, help="prompts per batch of the new way")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--save", type=Path, default=None, help="write every way's answers to this JSON file")
     args = parser.parse_args()
