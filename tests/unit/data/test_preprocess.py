@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -299,6 +300,9 @@ def test_pin_vision_makes_paths_absolute_and_falls_back_to_random(tmp_path, monk
 
 
 def _cli():
+    """jobs/preprocess.py loaded the way `python jobs/preprocess.py` runs it: with jobs/ first on sys.path."""
+    if str(REPO / "jobs") not in sys.path:
+        sys.path.insert(0, str(REPO / "jobs"))
     spec = importlib.util.spec_from_file_location("preprocess_cli", REPO / "jobs" / "preprocess.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
