@@ -25,7 +25,10 @@ import httpx
 
 from drillkit import actors, local_ray, print_table, start_serve, wait_for
 
-SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1}
+SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1, "test_token_delay_s": 0.05}
+"""The LM answers at a steady 0.05 s a token (16 tokens: 0.8 s a request), so at the kill the clients' requests are
+inside the LanguageModel, whatever the machine: without it a tiny model answers in milliseconds, requests spend
+most of their time outside the replica, and whether the kill catches one in flight is left to chance."""
 MODEL = "trimodal-test"
 MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
 LM_REPLICA = "ServeReplica:main:LanguageModel"

@@ -53,6 +53,15 @@ def server(ray_local, tmp_path_factory) -> Server:
     serve.shutdown()
 
 
+@pytest.fixture
+def steady_server(ray_local) -> str:
+    """The drill's own server, whose LM answers at a steady pace (see serve_replica_kill.SERVE_ARGS)."""
+    from ray import serve
+
+    yield drillkit.start_serve(serve_replica_kill.SERVE_ARGS)
+    serve.shutdown()
+
+
 def test_training_resumes_from_the_checkpoint_after_its_worker_is_sigkilled(ray_local, tmp_path):
     drill = train_worker_kill.run_drill(tmp_path, steps=30, checkpoint_every=10, kill_at=12)
     assert drill.kill.pid and not drill.kill.error
@@ -71,8 +80,8 @@ def test_preprocessing_keeps_one_row_per_good_image_after_the_encoder_is_sigkill
     assert set(drill.skipped) == set(drill.bad)  # the broken images are reported, each once
 
 
-def test_a_killed_lm_replica_is_503_while_serve_replaces_it_and_retrying_clients_lose_nothing(server):
-    first, second = serve_replica_kill.run_drill(server.url, clients=4, seconds=6, kill_after=2)
+def test_a_killed_lm_replica_is_503_while_serve_replaces_it_and_retrying_clients_lose_nothing(steady_server):
+    first, second = serve_replica_kill.run_drill(steady_server, clients=4, seconds=6, kill_after=2)
     for phase in (first, second):
         assert phase.new_pid and phase.new_pid != phase.killed_pid  # Serve started a new replica
         status, body = phase.readyz_after_kill
