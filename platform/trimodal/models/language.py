@@ -10,6 +10,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           PreTrainedModel, PreTrainedTokenizerFast)
 
 from trimodal.config import LanguageModelConfig, QuantConfig, TinyLMShape
+from trimodal.models.init import seeded
 from trimodal.sources import atomic_build, default_cache_dir, resolve_source
 
 # ChatML, as SmolLM2 and Qwen use; for tokenizers that ship no chat template (e.g. Phi-2 uses its own below).
@@ -50,11 +51,8 @@ def build_random_lm(shape: TinyLMShape, vocab_size: int, seed: int = 0) -> Llama
                          intermediate_size=shape.intermediate_size, max_position_embeddings=1024,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          initializer_range=0.2)  # wide init: a random model that does not repeat one token
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    torch.random.set_rng_state(state)
-    return model
+    with seeded(seed):
+        return LlamaForCausalLM(config)
 
 
 def _set_chat_template(tokenizer, choice: str) -> None:

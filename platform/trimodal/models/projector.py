@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from trimodal.models.init import seeded
+
 
 class SimpleResBlock(nn.Module):
     """x = LayerNorm(x); return x + Linear(GELU(Linear(x)))  (the seed's block, same parameter names)."""
@@ -36,8 +38,5 @@ class Projector(nn.Module):
 
 def build_projector(vision_dim: int, lm_hidden: int, seed: int = 0) -> Projector:
     """A freshly initialised projector, reproducible from `seed`."""
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    projector = Projector(vision_dim, lm_hidden)
-    torch.random.set_rng_state(generator_state)
-    return projector
+    with seeded(seed):
+        return Projector(vision_dim, lm_hidden)

@@ -26,6 +26,8 @@ from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
+from trimodal.models.init import seeded
+
 MIN_RATE, MAX_RATE, MAX_CHANNELS = 1_000, 192_000, 32
 UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX when a stream's length is unknown
 
@@ -165,8 +167,7 @@ def build_random_whisper(seed: int = 0, width: int = 64, layers: int = 1) -> Whi
     dims = ModelDimensions(n_mels=80, n_audio_ctx=1500, n_audio_state=width, n_audio_head=max(1, width // 32),
                            n_audio_layer=layers, n_vocab=51865, n_text_ctx=448, n_text_state=width,
                            n_text_head=max(1, width // 32), n_text_layer=layers)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         model = Whisper(dims)
         # openai-whisper leaves the text positional embedding uninitialised (torch.empty): always loaded from a
         # checkpoint there. Here it must be set, or decoding reads garbage memory (NaN, non-deterministic).

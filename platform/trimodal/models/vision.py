@@ -13,6 +13,7 @@ from transformers import logging as hf_logging
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel
 
 from trimodal.config import TinyCLIPShape, VisionConfig
+from trimodal.models.init import seeded
 from trimodal.sources import SourceError, resolve_source
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -35,11 +36,8 @@ def tiny_clip_config(shape: TinyCLIPShape, image_size: int, vocab_size: int = 51
 
 def build_random_clip(shape: TinyCLIPShape, image_size: int, vocab_size: int = 512) -> CLIPModel:
     """A seeded, randomly initialised CLIPModel (both towers)."""
-    state = torch.random.get_rng_state()
-    torch.manual_seed(shape.seed)
-    model = CLIPModel(tiny_clip_config(shape, image_size, vocab_size))
-    torch.random.set_rng_state(state)
-    return model
+    with seeded(shape.seed):
+        return CLIPModel(tiny_clip_config(shape, image_size, vocab_size))
 
 
 def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
