@@ -144,7 +144,7 @@ def run_job(job: Callable[[], None]) -> int:
     from trimodal.data.formats import AnnotationError
     from trimodal.data.readers import DataDirError
     from trimodal.sources import SourceError
-    from trimodal.training.trainer import RunExistsError
+    from trimodal.training.scaffold import RunExistsError
 
     try:
         job()

@@ -39,7 +39,7 @@ def gpu_type(cluster) -> dict:
 def _phi2_worker_resources(stage: int) -> dict[str, float]:
     """Resources one Ray Train worker of the phi2 preset requests (incl. accelerator_type:<type>)."""
     from trimodal.config import load_config
-    from trimodal.training.trainer import scaling_config
+    from trimodal.training.scaffold import scaling_config
 
     cfg = load_config("phi2")
     return dict(scaling_config(getattr(cfg, f"stage{stage}"))._resources_per_worker_not_none)

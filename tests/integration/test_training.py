@@ -82,7 +82,8 @@ def test_stage1_exports_final_and_checkpoints_hold_the_full_state(stage1_run):
 
 
 def test_resume_continues_at_the_next_step_with_the_same_loss(data_dir, stage1_run, tmp_path):
-    from trimodal.training.trainer import RunExistsError, run_stage
+    from trimodal.training.scaffold import RunExistsError
+    from trimodal.training.trainer import run_stage
 
     # The run dies at step 3 with no restarts allowed (its last checkpoint is step 2), then is re-run.
     with pytest.raises(Exception, match="injected failure at step 3"):
@@ -161,7 +162,7 @@ def _one_at_a_time(run_dir, data_dir) -> list[str]:
     """Every prediction of evaluate_run, decoded one prompt at a time through TextGenerator.generate."""
     from trimodal.evaluation.run_eval import caption_jobs, load_for_eval, question_jobs, read_split
     from trimodal.inference.engine import Prompt
-    from trimodal.inference.generation import SamplingParams
+    from trimodal.inference.requests import SamplingParams
 
     embeddings, references, conversations = read_split(data_dir, "val")
     gen, projector, cfg = load_for_eval(run_dir, next(iter(embeddings.values())).shape[-1])

@@ -6,10 +6,8 @@ through exactly the `CLIPVisionModel.from_pretrained` path a real TinyCLIP takes
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
-import shutil
 import time
 from pathlib import Path
 
@@ -25,10 +23,12 @@ from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from trimodal.config import TrimodalConfig, config_from_dict
 from trimodal.data.formats import read_coco_captions
+from trimodal.files import publish_dir
 from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
-from trimodal.training.loop import iterate_batches, lr_lambda, report
 from trimodal.training.metrics import MetricsLog
+from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, optimizer_step,
+                                        restored_checkpoint, run_config, scaling_config, start_worker)
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
 MAX_TEXT_TOKENS = 32
@@ -187,20 +187,16 @@ def clip_train_loop(config: dict) -> None:
     """Ray Train worker loop for stage 0."""
     cfg = config_from_dict(config["cfg"])
     stage, run_dir = cfg.stage0, Path(config["run_dir"])
-    rank = ray.train.get_context().get_world_rank()
-    if stage.torch_threads:
-        torch.set_num_threads(stage.torch_threads)
-    torch.manual_seed(stage.seed + rank)
+    rank = start_worker(stage)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config["tokenizer_dir"])
     model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
     state = TrainState()
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
+    with restored_checkpoint() as ckpt_dir:
         if ckpt_dir:
-            model.load_state_dict(load_file(str(Path(ckpt_dir) / "clip.safetensors")))
-            state = load_optimizer_state(Path(ckpt_dir), optimizer, scheduler)
+            model.load_state_dict(load_file(str(ckpt_dir / "clip.safetensors")))
+            state = load_optimizer_state(ckpt_dir, optimizer, scheduler)
     total = sum(p.numel() for p in model.parameters())
     log = MetricsLog(run_dir, enabled=rank == 0)
     log.start(0, total, total, state.step, stage.steps)
@@ -208,24 +204,14 @@ def clip_train_loop(config: dict) -> None:
     batches = iterate_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank,
                                                                               cfg.model.vision.stage0_phrases),
                               stage.batch_size, state, stage.seed)
+    reporter = StepReporter(stage, log, scheduler, lambda d: _save_clip(d, model, optimizer, scheduler, state, cfg))
     while state.step < stage.steps:
-        start = time.perf_counter()
+        started = time.perf_counter()
         state.epoch, index, batch = next(batches)
-        loss = contrastive_loss(wrapped, batch, cfg.model.vision.stage0_pool)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        state.step, state.batch_in_epoch = state.step + 1, index + 1
-        seconds = time.perf_counter() - start
-        metrics = {"step": state.step, "loss": float(loss.detach()), "lr": scheduler.get_last_lr()[0],
-                   "step_time_s": seconds, "tokens_per_s": int(batch["attention_mask"].sum()) / seconds,
-                   "images_per_s": len(batch["texts"]) / seconds, "epoch": state.epoch}
-        log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
-        ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
-        if ckpt or state.step % stage.log_every == 0:
-            report(metrics, ckpt, lambda d: _save_clip(d, model, optimizer, scheduler, state, cfg))
+        loss = optimizer_step(contrastive_loss(wrapped, batch, cfg.model.vision.stage0_pool), model.parameters(),
+                              optimizer, scheduler)
+        reporter.finish(state, index, loss, started, {"tokens": int(batch["attention_mask"].sum()),
+                                                      "images": len(batch["texts"])})
 
 
 def _features(out) -> torch.Tensor:
@@ -273,8 +259,6 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
     from ray.train import DataConfig
     from ray.train.torch import TorchTrainer
 
-    from trimodal.training.trainer import check_resume, run_config, scaling_config
-
     check_resume(out_dir, resume)
     train_rows = caption_rows(coco_root, "train")
     val_rows = _readable(caption_rows(coco_root, "val"))
@@ -307,11 +291,8 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
 
 def save_tower(model: CLIPModel, tokenizer, tower_dir: Path, meta: dict) -> Path:
     """save_pretrained the CLIP model + tokenizer atomically, with stage0.json beside them."""
-    tmp = tower_dir.with_name(tower_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "stage0.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(tower_dir, ignore_errors=True)
-    tmp.rename(tower_dir)
+    with publish_dir(tower_dir) as scratch:
+        model.save_pretrained(scratch, safe_serialization=True)
+        tokenizer.save_pretrained(scratch)
+        (scratch / "stage0.json").write_text(json.dumps(meta, indent=2))
     return tower_dir

@@ -1,4 +1,4 @@
-"""The Ray Train worker loop shared by stage 1 and stage 2.
+"""The Ray Train worker loop of stage 1 and stage 2 (stage 0's is in `clip.py`; both use `scaffold.py`).
 
 Every worker builds its stage model, restores the last checkpoint if Ray Train hands one over (a restarted
 worker group or a `--resume`d run), then trains on its Ray Data shard. The data position (epoch, batch within
@@ -7,27 +7,25 @@ the epoch) is checkpointed so a resumed run sees exactly the batches the interru
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
 
 import ray.train
 import ray.train.torch
 import torch
 
 from trimodal.config import StageConfig, TrimodalConfig, config_from_dict
-from trimodal.models.bundle import RunInfo
+from trimodal.runs import RunInfo
 from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state, weights_digest
 from trimodal.training.collate import Batch, Collator
 from trimodal.training.metrics import MetricsLog, record_worker
 from trimodal.training.policies import StageModel, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
+from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambda, optimizer_step, restored_checkpoint,
+                                        start_worker)
 
 
 @dataclass
@@ -50,47 +48,15 @@ class LoopOptions:
     """Test hook: raise once at this step (0: never) to exercise FailureConfig."""
 
 
-def lr_lambda(stage: StageConfig):
-    """Linear warm-up, then cosine decay to 10% of the peak."""
-
-    def factor(step: int) -> float:
-        if step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        progress = (step - stage.warmup_steps) / max(1, stage.steps - stage.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def build_stage(cfg: TrimodalConfig, opts: LoopOptions, device, ckpt_dir: Path | None) -> StageModel:
+def build_stage(cfg: TrimodalConfig, options: LoopOptions, device, ckpt_dir: Path | None) -> StageModel:
     """The stage's model; stage 2 resumes its adapter from the checkpoint when there is one."""
-    if opts.stage == 1:
-        return stage1_model(cfg, opts.vision_dim, device)
-    from trimodal.models.bundle import read_run
+    if options.stage == 1:
+        return stage1_model(cfg, options.vision_dim, device)
+    from trimodal.runs import read_run
 
-    init = read_run(opts.init_run) if opts.init_run else RunInfo(None, None, False)
+    init = read_run(options.init_run) if options.init_run else RunInfo(None, None, False)
     adapter = ckpt_dir / "adapter" if ckpt_dir is not None and (ckpt_dir / "adapter").exists() else None
-    return stage2_model(cfg, opts.vision_dim, init, device, quantize=opts.quantize, adapter_dir=adapter)
-
-
-def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: int) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed.
-
-    Each epoch is locally shuffled with its own seed, so a resumed run sees the batches an uninterrupted one would.
-    """
-    epoch, skip = start.epoch, start.batch_in_epoch
-    while True:
-        batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                           local_shuffle_buffer_size=max(1024, batch_size * 16),
-                                           local_shuffle_seed=seed + epoch)
-        produced = False
-        for index, batch in enumerate(batches):
-            produced = True
-            if index >= skip:
-                yield epoch, index, batch
-        if not produced:
-            raise RuntimeError(f"the training shard has fewer than {batch_size} rows: lower --batch-size")
-        epoch, skip = epoch + 1, 0
+    return stage2_model(cfg, options.vision_dim, init, device, quantize=options.quantize, adapter_dir=adapter)
 
 
 def _to_device(batch: Batch, device) -> Batch:
@@ -122,91 +88,76 @@ def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device
     dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
     with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
         loss, n_targets = model(batch.input_ids, batch.attention_mask, batch.image_features, batch.labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach()), n_targets
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return optimizer_step(loss, trainable, optimizer, scheduler), n_targets
 
 
-def report(metrics: dict, with_checkpoint: bool, save: Callable[[Path], None]) -> None:
-    """ray.train.report from every worker; with a checkpoint that rank 0 writes with `save(directory)`."""
-    if not with_checkpoint:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if ray.train.get_context().get_world_rank() == 0:
-            save(Path(tmp))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-
-
-def _maybe_fail(opts: LoopOptions, step: int) -> None:
-    marker = Path(opts.run_dir) / ".injected_failure"
-    if opts.fail_at_step and step == opts.fail_at_step and not marker.exists():
+def _maybe_fail(options: LoopOptions, step: int) -> None:
+    marker = Path(options.run_dir) / ".injected_failure"
+    if options.fail_at_step and step == options.fail_at_step and not marker.exists():
         marker.write_text(str(step))
         raise RuntimeError(f"injected failure at step {step} (test hook)")
 
 
-def _record_worker(opts: LoopOptions, sm: StageModel, started: int, step: int, losses: list[float], data) -> None:
+def _record_worker(options: LoopOptions, stage_model: StageModel, started: int, step: int, losses: list[float],
+                   data) -> None:
     """This worker's line of `workers.jsonl`: its rank, the steps it ran, a digest of the input ids it trained on,
     and digests of its projector and of all its trainable weights after the last step (equal on every rank when
     the gradients were all-reduced)."""
     context = ray.train.get_context()
-    trainable = {n: p for n, p in sm.model.named_parameters() if p.requires_grad}
-    record_worker(Path(opts.run_dir), {
+    trainable = {n: p for n, p in stage_model.model.named_parameters() if p.requires_grad}
+    record_worker(Path(options.run_dir), {
         "rank": context.get_world_rank(), "world_size": context.get_world_size(), "pid": os.getpid(),
         "started_step": started, "step": step, "steps_run": len(losses),
         "mean_loss": sum(losses) / len(losses) if losses else None, "data_sha256": data.hexdigest(),
-        "projector_sha256": weights_digest(sm.model.projector.state_dict()),
+        "projector_sha256": weights_digest(stage_model.model.projector.state_dict()),
         "trainable_sha256": weights_digest(trainable)})
+
+
+def _restore(cfg: TrimodalConfig, options: LoopOptions, stage: StageConfig, device):
+    """The stage model, its optimizer and schedule, and the training state: restored from the checkpoint Ray
+    Train hands over, fresh otherwise."""
+    with restored_checkpoint() as ckpt_dir:
+        stage_model = build_stage(cfg, options, device, ckpt_dir)
+        params = [p for p in stage_model.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        state = load_training_state(ckpt_dir, stage_model.model, optimizer, scheduler) if ckpt_dir else TrainState()
+    return stage_model, optimizer, scheduler, state
 
 
 def train_loop(config: dict) -> None:
     """Ray Train entry point (one call per worker)."""
     cfg = config_from_dict(config["cfg"])
-    opts = LoopOptions(**config["opts"])
-    stage = cfg.stage1 if opts.stage == 1 else cfg.stage2
-    rank = ray.train.get_context().get_world_rank()
+    options = LoopOptions(**config["options"])
+    stage = cfg.stage1 if options.stage == 1 else cfg.stage2
+    rank = start_worker(stage)
     device = ray.train.torch.get_device()
-    if stage.torch_threads:
-        torch.set_num_threads(stage.torch_threads)
-    torch.manual_seed(stage.seed + rank)
-    checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as ckpt_dir:
-        ckpt_dir = Path(ckpt_dir) if ckpt_dir else None
-        sm = build_stage(cfg, opts, device, ckpt_dir)
-        params = [p for p in sm.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
-        state = load_training_state(ckpt_dir, sm.model, optimizer, scheduler) if ckpt_dir else TrainState()
-    log = MetricsLog(Path(opts.run_dir), enabled=rank == 0)
-    log.start(opts.stage, sm.trainable, sm.total, state.step, stage.steps)
-    model = ray.train.torch.prepare_model(sm.model, move_to_device=False) if ray.train.get_context(
-    ).get_world_size() > 1 else sm.model
-    collate = Collator(sm.tokenizer, opts.num_patches, sm.image_end_id, cfg.data.max_length, cfg.data.caption_prompt)
+    stage_model, optimizer, scheduler, state = _restore(cfg, options, stage, device)
+    log = MetricsLog(Path(options.run_dir), enabled=rank == 0)
+    log.start(options.stage, stage_model.trainable, stage_model.total, state.step, stage.steps)
+    model = ray.train.torch.prepare_model(stage_model.model, move_to_device=False) if ray.train.get_context(
+    ).get_world_size() > 1 else stage_model.model
+    collate = Collator(stage_model.tokenizer, options.num_patches, stage_model.image_end_id, cfg.data.max_length,
+                       cfg.data.caption_prompt)
     batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size, state, stage.seed)
     autocast = use_autocast(stage, device)
-    started, losses, data = state.step, [], hashlib.sha256()
+    reporter = StepReporter(stage, log, scheduler,
+                            lambda d: save_training_state(d, stage_model.model, optimizer, scheduler, state, cfg))
+
+    def print_due_samples() -> None:
+        if rank == 0 and stage.sample_every and state.step % stage.sample_every == 0:
+            print_samples(stage_model, config.get("samples", []), options, state.step, device)
+
+    started_at, losses, data = state.step, [], hashlib.sha256()
     while state.step < stage.steps:
-        start = time.perf_counter()
+        started = time.perf_counter()
         state.epoch, index, batch = next(batches)
         data.update(batch.input_ids.cpu().numpy().tobytes())
         batch = _to_device(batch, device)
-        _maybe_fail(opts, state.step + 1)
+        _maybe_fail(options, state.step + 1)
         loss, n_targets = train_step(model, batch, optimizer, scheduler, autocast, device)
         losses.append(loss)
-        state.step, state.batch_in_epoch = state.step + 1, index + 1
-        seconds = time.perf_counter() - start
-        metrics = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "step_time_s": seconds,
-                   "tokens_per_s": int(batch.attention_mask.sum()) / seconds, "target_tokens": n_targets,
-                   "epoch": state.epoch}
-        log.step(metrics, print_line=state.step % stage.log_every == 0 or state.step == stage.steps)
-        if rank == 0 and stage.sample_every and state.step % stage.sample_every == 0:
-            print_samples(sm, config.get("samples", []), opts, state.step, device)
-        ckpt = state.step % stage.checkpoint_every == 0 or state.step == stage.steps
-        if ckpt or state.step % stage.log_every == 0:
-            report(metrics, ckpt, lambda d: save_training_state(d, sm.model, optimizer, scheduler, state, cfg))
-    _record_worker(opts, sm, started, state.step, losses, data)
+        reporter.finish(state, index, loss, started, {"tokens": int(batch.attention_mask.sum())},
+                        {"target_tokens": n_targets}, print_due_samples)
+    _record_worker(options, stage_model, started_at, state.step, losses, data)

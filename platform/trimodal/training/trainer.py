@@ -20,15 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from trimodal.config import StageConfig, TrimodalConfig
+from trimodal.files import publish_dir
 from trimodal.training.loop import LoopOptions, train_loop
-from trimodal.training.metrics import ATTEMPTS_FILE, WORKERS_FILE
 from trimodal.training.samples import sample_prompts
-
-RAY_RUN_NAME = "train"
-
-
-class RunExistsError(RuntimeError):
-    """The run directory has checkpoints and `--resume` was not given."""
+from trimodal.training.scaffold import check_resume, run_config, scaling_config
 
 
 def stage_config(cfg: TrimodalConfig, stage: int) -> StageConfig:
@@ -43,41 +38,9 @@ def with_stage_overrides(cfg: TrimodalConfig, stage: int, **values) -> TrimodalC
     return dataclasses.replace(cfg, **{f"stage{stage}": new_stage}).validate()
 
 
-def scaling_config(stage: StageConfig):
-    """CPU workers for cpu/test, GPU workers (with accelerator_type when set) for phi2."""
-    from ray.train import ScalingConfig
-
-    resources = {"CPU": stage.cpus_per_worker}
-    if stage.use_gpu:
-        resources["GPU"] = 1
-    return ScalingConfig(num_workers=stage.num_workers, use_gpu=stage.use_gpu, resources_per_worker=resources,
-                         accelerator_type=stage.accelerator_type if stage.use_gpu else None)
-
-
-def run_config(out_dir: Path, stage: StageConfig):
-    """Checkpoints under OUT/train, keeping `num_to_keep`; `max_failures` worker-group restarts."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig
-
-    return RunConfig(name=RAY_RUN_NAME, storage_path=str(out_dir.resolve()),
-                     checkpoint_config=CheckpointConfig(num_to_keep=stage.num_to_keep),
-                     failure_config=FailureConfig(max_failures=stage.max_failures))
-
-
-def check_resume(out_dir: Path, resume: bool) -> None:
-    """Refuse to mix a fresh run into a directory with checkpoints unless resuming."""
-    storage = out_dir / RAY_RUN_NAME
-    has_checkpoints = storage.exists() and any(storage.glob("checkpoint_*"))
-    if has_checkpoints and not resume:
-        raise RunExistsError(f"{out_dir} already holds checkpoints: pass --resume to continue from the last one, "
-                             "or choose a new --out")
-    if not resume:
-        shutil.rmtree(out_dir / "final", ignore_errors=True)
-        (out_dir / ATTEMPTS_FILE).unlink(missing_ok=True)
-        (out_dir / WORKERS_FILE).unlink(missing_ok=True)
-
-
-def _samples(datasets, stage: int, cfg: TrimodalConfig, n: int = 3) -> list[dict]:
-    rows = datasets.limit(n).take_all() if datasets is not None else []
+def _samples(dataset, cfg: TrimodalConfig, n: int = 3) -> list[dict]:
+    """The first `n` rows of `dataset` as sample prompts for `print_samples`."""
+    rows = dataset.limit(n).take_all() if dataset is not None else []
     for row in rows:
         row["embedding"] = np.asarray(row["embedding"], dtype=np.float32)
     return sample_prompts(rows, cfg.data.caption_prompt)
@@ -97,7 +60,7 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
     train_ds = opener(data_dir, "train")
     val_ds = opener(data_dir, "val")
     num_patches, vision_dim = embedding_shape(manifest)
-    opts = LoopOptions(stage=stage, run_dir=str(out_dir.resolve()), vision_dim=vision_dim,
+    options = LoopOptions(stage=stage, run_dir=str(out_dir.resolve()), vision_dim=vision_dim,
                        num_patches=num_patches, init_run=str(init_run) if init_run else None,
                        quantize=quantize, fail_at_step=fail_at_step)
     stage_cfg = stage_config(cfg, stage)
@@ -105,30 +68,27 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
     ingest.preserve_order = True  # the same batches on a resumed run
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "opts": asdict(opts), "samples": _samples(val_ds, stage, cfg)},
+        train_loop_config={"cfg": cfg.to_dict(), "options": asdict(options), "samples": _samples(val_ds, cfg)},
         scaling_config=scaling_config(stage_cfg), run_config=run_config(out_dir, stage_cfg),
         datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest))
     started = time.perf_counter()
     result = trainer.fit()
     meta = {"stage": stage, "steps": stage_cfg.steps, "data": str(data_dir.resolve()),
             "vision_tower": manifest["inputs"].get("vision_dir"), "vision_model_id": manifest["encoder"]["model_id"],
-            "vision_untrained": manifest["encoder"]["untrained"], "init_run": opts.init_run, "quantized": quantize,
+            "vision_untrained": manifest["encoder"]["untrained"], "init_run": options.init_run, "quantized": quantize,
             "final_loss": result.metrics.get("loss"), "train_seconds": round(time.perf_counter() - started, 1),
             "preset": cfg.name}
     return export_from_checkpoint(result.checkpoint.path, out_dir / "final", meta)
 
 
 def export_from_checkpoint(checkpoint_dir: str, final_dir: Path, meta: dict) -> Path:
-    """Copy projector, adapter and config of the last checkpoint into `final/` and write run.json."""
+    """Copy projector, adapter and config of the last checkpoint into `final/` with run.json, replacing `final/`
+    in one rename (`trimodal.files.publish_dir`)."""
     src = Path(checkpoint_dir)
-    tmp = final_dir.with_name(final_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    shutil.copy2(src / "projector.safetensors", tmp / "projector.safetensors")
-    shutil.copy2(src / "config.yaml", tmp / "config.yaml")
-    if (src / "adapter").is_dir():
-        shutil.copytree(src / "adapter", tmp / "adapter")
-    (tmp / "run.json").write_text(json.dumps(meta, indent=2))
-    shutil.rmtree(final_dir, ignore_errors=True)
-    tmp.rename(final_dir)
+    with publish_dir(final_dir) as scratch:
+        shutil.copy2(src / "projector.safetensors", scratch / "projector.safetensors")
+        shutil.copy2(src / "config.yaml", scratch / "config.yaml")
+        if (src / "adapter").is_dir():
+            shutil.copytree(src / "adapter", scratch / "adapter")
+        (scratch / "run.json").write_text(json.dumps(meta, indent=2))
     return final_dir

@@ -1,12 +1,11 @@
-"""Train-loop helpers that need no Ray cluster: the learning-rate schedule and the bf16 autocast decision."""
+"""Stage 1-2 loop helpers that need no Ray cluster: the bf16 autocast decision."""
 
 import dataclasses
 
-import pytest
 import torch
 
 from trimodal.config import load_config
-from trimodal.training.loop import lr_lambda, native_bf16, use_autocast
+from trimodal.training.loop import native_bf16, use_autocast
 
 
 def test_autocast_only_when_asked_for():
@@ -29,10 +28,3 @@ def test_autocast_on_a_cpu_with_native_bf16(monkeypatch):
     stage = dataclasses.replace(load_config("test").stage1, autocast_bf16=True)
     assert use_autocast(stage, "cpu")
 
-
-def test_lr_warms_up_then_decays_to_a_tenth():
-    stage = dataclasses.replace(load_config("test").stage1, steps=100, warmup_steps=10)
-    f = lr_lambda(stage)
-    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
-    assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
-    assert all(f(s) >= f(s + 1) for s in range(10, 100))
