@@ -65,10 +65,9 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def save_weights(module: torch.nn.Module, path: Path, trainable_only: bool = False) -> None:
-    """A module's state dict (or just its trainable tensors) as safetensors."""
-    names = {n for n, p in module.named_parameters() if p.requires_grad} if trainable_only else None
-    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items() if names is None or k in names}
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(path))
 
 

@@ -24,9 +24,6 @@ class Batch:
     image_features: torch.Tensor | None
     """[n_images, N, D] CLIP features in order of appearance."""
 
-    def num_target_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
 
 def caption_turns(caption: str, prompt: str) -> list[Turn]:
     """Stage 1: the image and an instruction, answered by the caption."""

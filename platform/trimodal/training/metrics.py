@@ -10,6 +10,8 @@ import os
 import time
 from pathlib import Path
 
+from trimodal.files import publish_file
+
 ATTEMPTS_FILE = "attempts.jsonl"
 WORKERS_FILE = "workers.jsonl"
 
@@ -83,7 +85,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def plot_loss(metrics_path: Path, png_path: Path) -> None:
-    """Training loss (and its running mean) against step."""
+    """Training loss (and its running mean) against step, as a PNG replaced in one rename."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,7 +104,6 @@ def plot_loss(metrics_path: Path, png_path: Path) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = png_path.with_suffix(".tmp.png")
-    fig.savefig(tmp)
+    with publish_file(png_path) as scratch:
+        fig.savefig(scratch)
     plt.close(fig)
-    tmp.replace(png_path)

@@ -27,24 +27,24 @@ def sample_prompts(rows: list[dict], caption_prompt: str) -> list[dict]:
 
 
 @torch.no_grad()
-def print_samples(sm, samples: list[dict], opts, step: int, device) -> None:
+def print_samples(stage_model, samples: list[dict], options, step: int, device) -> None:
     """Greedy answers for `samples` with the current weights; printed and appended to samples.jsonl."""
     if not samples:
         return
-    model = sm.model
+    model = stage_model.model
     was_training = model.training
     model.eval()
-    gen = TextGenerator(model.lm, sm.tokenizer, sm.image_end_id)
+    gen = TextGenerator(model.lm, stage_model.tokenizer, stage_model.image_end_id)
     prompts = []
-    for s in samples:
-        feats = torch.from_numpy(np.asarray(s["embedding"], dtype=np.float32)).unsqueeze(0)  # [N, D] -> [1, N, D]
-        ids = gen.encode([Turn("user", IMAGE_MARKER + s["question"])], opts.num_patches)
+    for sample in samples:
+        feats = torch.from_numpy(np.asarray(sample["embedding"], dtype=np.float32)).unsqueeze(0)  # [N, D] -> [1, N, D]
+        ids = gen.encode([Turn("user", IMAGE_MARKER + sample["question"])], options.num_patches)
         prompts.append(Prompt(ids, model.project(feats.to(device))))
     results = gen.generate(prompts, [SamplingParams(max_tokens=32)] * len(prompts))
-    with (Path(opts.run_dir) / "samples.jsonl").open("a") as fh:
-        for s, r in zip(samples, results):
-            print(f"[sample step {step}] Q: {s['question']} | predicted: {r.text!r} | reference: {s['reference']!r}",
-                  flush=True)
-            fh.write(json.dumps({"step": step, "question": s["question"], "predicted": r.text,
-                                 "reference": s["reference"]}) + "\n")
+    with (Path(options.run_dir) / "samples.jsonl").open("a") as fh:
+        for sample, result in zip(samples, results):
+            print(f"[sample step {step}] Q: {sample['question']} | predicted: {result.text!r} | "
+                  f"reference: {sample['reference']!r}", flush=True)
+            fh.write(json.dumps({"step": step, "question": sample["question"], "predicted": result.text,
+                                 "reference": sample["reference"]}) + "\n")
     model.train(was_training)
