@@ -3,7 +3,7 @@
 Same images (a generated shapes set), same model (a seeded random CLIP vision tower at the TinyCLIP-ViT-61M/32
 shape: 224 px, patch 32 -> 49 patches, width 640, 12 layers, 10 heads, MLP 2560), same batch size, same
 float16 output. The loop decodes, preprocesses and encodes batch after batch in this process (torch using every
-core); the pipeline is `trimodal.data.preprocess.encode_images` (decode tasks -> encoder actor pool -> Parquet).
+core); the pipeline is `trimodal.data.preprocess.images.encode_images` (decode tasks -> encoder actor pool -> Parquet).
 Both timings include loading the model (the pipeline's excludes `ray.init`, a one-off per cluster). Prints a
 table with both numbers and the ratio.
 
@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from trimodal.config import ModelSource, TinyCLIPShape, VisionConfig
-from trimodal.data.preprocess import (PipelineOptions, Plan, build_plan, default_cpus_per_encoder, encode_images,
-                                      load_image, tower_info)
+from trimodal.data.preprocess import PipelineOptions, Plan, build_plan, default_cpus_per_encoder
+from trimodal.data.preprocess.images import encode_images
+from trimodal.data.preprocess.pipeline import load_image, tower_info
 from trimodal.data.shapes import write_shapes_dataset
 
 # TinyCLIP-ViT-61M/32: 12 x (4 * 640^2 + 2 * 640 * 2560) ~ 59M weights in the blocks + embeddings ~ 61M.

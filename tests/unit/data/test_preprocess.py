@@ -16,9 +16,11 @@ from PIL import Image
 
 from trimodal.config import ModelSource, VisionConfig
 from trimodal.data.formats import AnnotationError
-from trimodal.data.preprocess import (ClipEncoder, ImageRecord, ParquetSink, PreprocessError, build_plan,
-                                      decode_images, default_cpus_per_encoder, drop_rows_of, find_coco_splits,
-                                      image_schema, load_image, pin_vision, publish, scratch_dir)
+from trimodal.data.preprocess import PreprocessError, build_plan, default_cpus_per_encoder
+from trimodal.data.preprocess.parquet import ParquetSink, image_schema
+from trimodal.data.preprocess.pipeline import ClipEncoder, decode_images, load_image, pin_vision
+from trimodal.data.preprocess.plan import ImageRecord, drop_rows_of, find_coco_splits
+from trimodal.data.preprocess.publish import publish, scratch_dir
 from trimodal.data.shapes import VAL_ID_OFFSET, write_shapes_dataset
 
 REPO = Path(__file__).resolve().parents[3]
