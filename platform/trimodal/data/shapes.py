@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import re
 import time
 from collections import Counter
@@ -33,6 +32,8 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from trimodal.files import is_scratch, write_bytes_atomic
 
 IMAGE_SIZE = 224
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -69,7 +70,6 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
 )
 _SPLIT_CODES = {"train": 0, "val": 1}
 _IMAGE_NAME = re.compile(r"^\d{12}\.png$")
-_TMP_NAME = re.compile(r"^\..*\.tmp-\d+$")
 
 
 @dataclass(frozen=True)
@@ -418,7 +418,7 @@ def write_shapes_dataset(out_dir: str | Path, n_train: int, n_val: int, seed: in
         documents[out / "annotations" / CAPTION_FILES[split]] = coco_captions(items, split)
         documents[out / LLAVA_FILES[split]] = llava_records(items)
     for path, document in documents.items():
-        write_atomic(path, (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+        write_bytes_atomic(path, (json.dumps(document, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
     everything = samples["train"] + samples["val"]
     return ShapesSummary(
         out_dir=out, seed=seed, n_train=n_train, n_val=n_val,
@@ -433,26 +433,15 @@ def write_shapes_dataset(out_dir: str | Path, n_train: int, n_val: int, seed: in
 def _write_images(directory: Path, samples: list[ShapeSample]) -> tuple[int, int]:
     """Write the PNGs of one split; remove stale ones from an earlier run. Returns (written, removed)."""
     directory.mkdir(parents=True, exist_ok=True)
-    written = sum(write_atomic(directory / s.file_name, encode_png(render(s))) for s in samples)
+    written = sum(write_bytes_atomic(directory / s.file_name, encode_png(render(s))) for s in samples)
     keep = {s.file_name for s in samples}
     removed = 0
     for path in directory.iterdir():
         stale = _IMAGE_NAME.match(path.name) and path.name not in keep
-        if (stale or _TMP_NAME.match(path.name)) and path.is_file():
+        if (stale or is_scratch(path)) and path.is_file():
             path.unlink()
             removed += 1
     return written, removed
-
-
-def write_atomic(path: Path, data: bytes) -> bool:
-    """Write via a temporary file and rename; leave an identical existing file alone. True if written."""
-    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
-        return False
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-    return True
 
 
 def _check_split(split: str) -> None:

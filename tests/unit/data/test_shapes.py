@@ -84,6 +84,14 @@ def test_rerun_with_fewer_images_removes_stale_files(tmp_path: Path) -> None:
     assert len(list((tmp_path / "val2017").iterdir())) == 1
 
 
+def test_rerun_removes_scratch_files_left_by_an_interrupted_run(tmp_path: Path) -> None:
+    write_shapes_dataset(tmp_path, 2, 1, seed=0)
+    (tmp_path / "train2017" / ".000000000001.png.tmp-4242.png").write_bytes(b"half a png")
+    summary = write_shapes_dataset(tmp_path, 2, 1, seed=0)
+    assert summary.images_written == 0 and summary.images_removed == 1
+    assert sorted(p.name for p in (tmp_path / "train2017").iterdir()) == ["000000000001.png", "000000000002.png"]
+
+
 def test_layout_and_counts(dataset: Path) -> None:
     for split, n, first_id in (("train", N_TRAIN, 1), ("val", N_VAL, VAL_ID_OFFSET + 1)):
         pngs = sorted((dataset / f"{split}2017").iterdir())
