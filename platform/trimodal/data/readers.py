@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -98,19 +97,6 @@ def _join(data_dir: str | Path, split: str, rows: pa.Table) -> "ray.data.Dataset
                               fn_kwargs={"rows": [ray.put(rows)]})
 
 
-def open_images(data_dir: str | Path, split: str | None = None) -> "ray.data.Dataset":  # noqa: F821
-    """OUT/images as a Ray Dataset (image_id, embedding, width, height, file_name, split); one split or all."""
-    import ray.data
-    from ray.data.expressions import col
-
-    manifest = read_manifest(data_dir)
-    ds = ray.data.read_parquet(str(Path(data_dir) / "images"))
-    if split is None:
-        return ds
-    _check_split(manifest, data_dir, split)
-    return ds.filter(expr=col("split") == split)
-
-
 def open_stage1(data_dir: str | Path, split: str = "train") -> "ray.data.Dataset":  # noqa: F821
     """Stage 1 rows: {image_id, caption, embedding (float16 [patches, dim])}, one per caption of `split`."""
     manifest = read_manifest(data_dir)
@@ -135,10 +121,3 @@ def open_text_only(data_dir: str | Path, split: str = "train") -> "ray.data.Data
     rows = read_rows(data_dir, "conversations", split, ["id", "image_id", "turns"])
     return ray.data.from_arrow(rows.filter(pc.is_null(rows["image_id"])).select(["id", "turns"]))
 
-
-def embedding_of(images: pa.Table, image_id: int) -> np.ndarray:
-    """The float16 [patches, dim] embedding of one image in a table read from OUT/images (tests, debugging)."""
-    position = pc.index(images["image_id"], image_id).as_py()
-    if position < 0:
-        raise KeyError(f"image {image_id} is not in the table")
-    return np.asarray(images["embedding"][position].as_py())

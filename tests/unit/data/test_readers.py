@@ -6,9 +6,10 @@ import json
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from trimodal.data.readers import DataDirError, attach_embeddings, embedding_of, embedding_shape, read_manifest
+from trimodal.data.readers import DataDirError, attach_embeddings, embedding_shape, read_manifest
 
 
 def _images(ids: list[int]) -> pa.Table:
@@ -16,6 +17,11 @@ def _images(ids: list[int]) -> pa.Table:
 
     values = np.stack([np.full((2, 3), i, np.float16) for i in ids])
     return pa.table({"image_id": pa.array(ids, pa.int64()), "embedding": ArrowTensorArray.from_numpy(values)})
+
+
+def embedding_of(images: pa.Table, image_id: int) -> np.ndarray:
+    """The float16 [patches, dim] embedding of one image of an images table."""
+    return np.asarray(images["embedding"][pc.index(images["image_id"], image_id).as_py()].as_py())
 
 
 def test_attach_embeddings_joins_each_row_to_its_image():
