@@ -51,12 +51,12 @@ def plain_loop(plan: Plan, vision: VisionConfig, batch_size: int) -> tuple[float
     return time.perf_counter() - start, np.concatenate(out)
 
 
-def ray_pipeline(plan: Plan, vision: VisionConfig, opts: PipelineOptions, out: Path) -> tuple[float, np.ndarray]:
+def ray_pipeline(plan: Plan, vision: VisionConfig, options: PipelineOptions, out: Path) -> tuple[float, np.ndarray]:
     """The library's image pass into `out`/images. Returns (seconds, embeddings in image_id order)."""
     import pyarrow.parquet as pq
 
     start = time.perf_counter()
-    encode_images(plan, vision, None, out, opts, tower_info(vision, None), log=lambda m: None)
+    encode_images(plan, vision, None, out, options, tower_info(vision, None), log=lambda m: None)
     seconds = time.perf_counter() - start
     table = pq.read_table(out / "images", columns=["image_id", "embedding"]).sort_by("image_id")
     embeddings = table["embedding"].combine_chunks().to_numpy()
@@ -82,9 +82,9 @@ def main(argv: list[str] | None = None) -> None:
         loop_s, loop_emb = plain_loop(plan, TINYCLIP_61M, args.batch_size)
         ray.init(address="local", num_cpus=cores, include_dashboard=False, _node_ip_address="127.0.0.1")
         encoders = args.encoders or cores
-        opts = PipelineOptions(batch_size=args.batch_size, encoders=encoders,
-                               cpus_per_encoder=default_cpus_per_encoder(cores, encoders, 0.0))
-        ray_s, ray_emb = ray_pipeline(plan, TINYCLIP_61M, opts, Path(tmp) / "out")
+        options = PipelineOptions(batch_size=args.batch_size, encoders=encoders,
+                                  cpus_per_encoder=default_cpus_per_encoder(cores, encoders, 0.0))
+        ray_s, ray_emb = ray_pipeline(plan, TINYCLIP_61M, options, Path(tmp) / "out")
         ray.shutdown()
     print_table(len(plan.images), args.batch_size, cores, encoders, loop_s, ray_s)
     diff = np.abs(loop_emb.astype(np.float32) - ray_emb.astype(np.float32)).max()

@@ -1,4 +1,4 @@
-"""Generate the synthetic "shapes" set in COCO + LLaVA-Instruct format (DESIGN.md section 5).
+"""Generate the synthetic "shapes" set in COCO + LLaVA-Instruct format.
 
     python jobs/make_shapes.py --out runs/demo/shapes --train 2000 --val 200 --seed 0
 """

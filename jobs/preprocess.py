@@ -55,13 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config or args.preset)
         plan = build_plan(args.coco_root, args.instruct, limit=args.limit)
-        opts = PipelineOptions(
+        options = PipelineOptions(
             batch_size=cfg.data.preprocess_batch_size if args.batch_size is None else args.batch_size,
             encoders=cfg.data.encoders if args.encoders is None else args.encoders,
             gpus_per_encoder=args.gpus_per_encoder).validate()
-        cpus = default_cpus_per_encoder(init_ray(args.address), opts.encoders, opts.gpus_per_encoder)
-        opts = replace(opts, cpus_per_encoder=cpus)
-        manifest = run_preprocess(plan, cfg.model.vision, args.out, opts, vision_dir=args.vision)
+        cpus = default_cpus_per_encoder(init_ray(args.address), options.encoders, options.gpus_per_encoder)
+        options = replace(options, cpus_per_encoder=cpus)
+        manifest = run_preprocess(plan, cfg.model.vision, args.out, options, vision_dir=args.vision)
     except (AnnotationError, PreprocessError, ConfigError, ClusterUnreachableError) as e:
         print(f"[preprocess] error: {e}", file=sys.stderr)
         return 2

@@ -106,9 +106,9 @@ def run_drill(work: Path, images: int, kill_after: int) -> PreprocessDrill:
     bad = break_images(shapes)
     plan = build_plan([shapes], [shapes / "llava_instruct.json"], log=lambda _: None)
     drill = PreprocessDrill({i.image_id for i in plan.images}, bad)
-    opts = PipelineOptions(batch_size=4, encoders=1, progress_every_s=0.0)
+    options = PipelineOptions(batch_size=4, encoders=1, progress_every_s=0.0)
     start = time.perf_counter()
-    manifest = run_preprocess(plan, load_config("test").model.vision, out, opts, log=Killer(drill, kill_after))
+    manifest = run_preprocess(plan, load_config("test").model.vision, out, options, log=Killer(drill, kill_after))
     drill.seconds = time.perf_counter() - start
     drill.written_ids = pq.read_table(out / "images", columns=["image_id"])["image_id"].to_pylist()
     drill.skipped = {s["image_id"]: s["reason"] for s in manifest["skipped"]["images"]}
