@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 
 # -X faulthandler: a crash, even at interpreter exit after pytest has finished, prints every thread's stack.
 test: install
-	$(PY) -X faulthandler -m pytest tests
+	$(PY) -X faulthandler -m pytest tests --durations=20
 
 test-fast: install
 	$(PY) -X faulthandler -m pytest tests -m "not slow"
