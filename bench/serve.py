@@ -2,7 +2,8 @@
 
   (a) serve   the Ray Serve graph over HTTP (streaming, dynamic batching, KV cache), on a private local Ray
   (b) engine  the in-process engine: each wave of `concurrency` requests decoded as one KV-cache batch
-  (c) seed    the seed's way: full re-forward per token, no KV cache, one request at a time, no streaming.
+  (c) seed    the serving loop of the capstone project this platform grew from (bench/reference_decoding.py):
+              full re-forward per token, no KV cache, one request at a time, no streaming.
               Measured once, request by request; at concurrency c its latencies are those service times
               queued in waves of c (what a one-at-a-time server does), and its time to first token is the
               whole latency (nothing is streamed).
@@ -117,11 +118,11 @@ def bench_engine(engine, pngs: list[bytes], concurrency: int, params) -> tuple[l
     return samples, time.perf_counter() - start
 
 
-# -- (c) the seed's way -----------------------------------------------------------------------------------------
+# -- (c) seed: full re-forward per token, one request at a time -------------------------------------------------
 
 def seed_service_times(engine, pngs: list[bytes], max_tokens: int) -> list[tuple[float, int]]:
     """(seconds, tokens) per request: prepare, then re-run the whole sequence for every new token."""
-    from trimodal.inference.generation import greedy_without_cache
+    from reference_decoding import greedy_without_cache
 
     out = []
     for png in pngs:
@@ -221,27 +222,27 @@ def print_table(rows: list[dict], args: argparse.Namespace, note: str) -> None:
               f"{r['ttft50']:>10.3f}{r['ttft99']:>10.3f}{vs_seed:>8}{vs_engine:>9}")
 
 
-def load_engine(args: argparse.Namespace):
+def engine_for(args: argparse.Namespace):
     """The in-process engine for modes (b) and (c), with the same preset, run and threads as the graph."""
     import torch
 
     from serve_app.settings import resolve_settings
-    from trimodal.inference.engine import build_engine
+    from trimodal.runs import load_engine
 
     torch.set_num_threads(args.threads)
     settings = resolve_settings({"preset": args.preset, "run": args.run}, env={})
-    return build_engine(settings.cfg, settings.run_dir, args.device, speech=False)
+    return load_engine(settings.cfg, settings.run_dir, args.device, speech=False)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Per concurrency level: serve, then engine (side by side, same conditions); the seed's way once."""
-    from trimodal.inference.generation import SamplingParams
+    from trimodal.inference.requests import SamplingParams
 
     args = parse_args(argv)
     modes, levels = set(args.modes.split(",")), [int(c) for c in args.concurrency.split(",")]
     pngs, rows, started = make_images(args.requests), [], time.perf_counter()
     params = SamplingParams(max_tokens=args.max_tokens)
-    engine = load_engine(args) if modes & {"engine", "seed"} else None
+    engine = engine_for(args) if modes & {"engine", "seed"} else None
     url = start_serve(args) if "serve" in modes else None
     if url:
         asyncio.run(bench_http(url, pngs[:2], 2, args.max_tokens))  # warm-up

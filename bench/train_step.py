@@ -24,8 +24,8 @@ import time
 import torch
 
 from trimodal.config import TrimodalConfig, load_config
-from trimodal.models.bundle import RunInfo
 from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
+from trimodal.runs import RunInfo
 from trimodal.training.collate import Batch
 from trimodal.training.loop import native_bf16, train_step
 from trimodal.training.policies import stage1_model, stage2_model

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
@@ -25,9 +25,8 @@ import torch
 from PIL import Image
 
 from trimodal.config import ModelSource, TrimodalConfig
-from trimodal.inference.engine import Delta, ImageEncoder, Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams
-from trimodal.models.chat import Turn
+from trimodal.inference.engine import Delta, Prompt, TextGenerator, tokenize_prompt
+from trimodal.inference.requests import GenerationRequest, SamplingParams
 
 log = logging.getLogger("trimodal.serve")
 
@@ -49,11 +48,6 @@ def source_label(source: ModelSource) -> str:
     return f"{source.kind}:{public_name(source.name)}"
 
 
-def prompt_token_limit(cfg: TrimodalConfig) -> int:
-    """The longest prompt, in tokens, the LanguageModel takes."""
-    return cfg.data.max_length * 8
-
-
 async def run_batch_of_one(batch_method, item) -> Any:
     """Call a list method with one item and unwrap its single result."""
     return (await batch_method([item]))[0]
@@ -65,7 +59,7 @@ class Speech:
     BATCHED = {"transcribe": "transcribe_batch"}
 
     def __init__(self, cfg: TrimodalConfig, device: str = "cpu", threads: int | None = None):
-        from trimodal.models.bundle import load_speech
+        from trimodal.runs import load_speech
 
         set_threads(threads)
         self.source = cfg.model.speech.source
@@ -92,13 +86,10 @@ class Vision:
 
     def __init__(self, cfg: TrimodalConfig, run_dir: str | None, lm_hidden: int, device: str = "cpu",
                  threads: int | None = None):
-        from trimodal.models.bundle import load_projector, load_tower_for_run, read_run
+        from trimodal.runs import load_image_encoder, read_run
 
         set_threads(threads)
-        run = read_run(run_dir)
-        tower = load_tower_for_run(cfg, run, device)
-        projector, trained = load_projector(run, tower.info.hidden_size, lm_hidden, cfg.model.projector_seed)
-        self.encoder = ImageEncoder(tower, projector.to(device), trained)
+        self.encoder = load_image_encoder(cfg, read_run(run_dir), lm_hidden, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
 
     async def encode(self, image: Image.Image) -> np.ndarray:
@@ -119,16 +110,6 @@ class Vision:
         return {"vision_tower": public_name(info.model_id), "vision_tower_untrained": info.untrained,
                 "projector_trained": self.encoder.trained, "num_patches": info.num_patches,
                 "image_size": info.image_size}
-
-
-@dataclass
-class GenerationRequest:
-    """What the ingress sends the LanguageModel: rendered turns, image embeddings in marker order, sampling."""
-
-    turns: list[Turn]
-    image_embeds: list[np.ndarray]
-    params: SamplingParams
-    transcripts: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,12 +171,11 @@ class LanguageModel:
 
     def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None,
                  test_token_delay_s: float = 0.0):
-        from trimodal.models.bundle import load_lm_for_run, read_run
+        from trimodal.runs import load_text_generator, read_run
 
         set_threads(threads)
         run = read_run(run_dir)
-        lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
-        self.generator = TextGenerator(lm, tokenizer, end_id, max_length=prompt_token_limit(cfg))
+        self.generator = load_text_generator(cfg, run, device)
         if test_token_delay_s > 0:
             self.generator = SteadyGenerator(self.generator, test_token_delay_s)
         self.info = {"language_model": source_label(cfg.model.language_model.source),
@@ -213,10 +193,8 @@ class LanguageModel:
 
     def prepare(self, request: GenerationRequest) -> Prompt:
         """Tokenise the turns (ValueError for a prompt over the length limit)."""
-        embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None
-        num_patches = embeds.shape[1] if embeds is not None else 0
-        ids = self.generator.encode(request.turns, num_patches)
-        return Prompt(ids, embeds, list(request.transcripts))
+        embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None  # [n, N, H]
+        return tokenize_prompt(self.generator, request.turns, embeds, request.transcripts)
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[dict]:
         """Stream dicts: first {"prompt_tokens"} (or {"error"}), then {"text", "finish_reason", "completion_tokens"}.

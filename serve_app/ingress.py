@@ -11,7 +11,8 @@ is refused here, by counting characters, before any media is decoded or any toke
 `/healthz` is liveness (this process answers); `/readyz` is readiness: 200 only while Speech, Vision and the
 LanguageModel each answer a cheap call within `ready_timeout_s`, else 503 naming the parts that did not.
 
-The three model deployments arrive as DeploymentHandles (or `LocalHandle`s wrapping plain objects in tests).
+The three model deployments arrive as DeploymentHandles (the unit tests wrap plain objects in stand-ins with the
+same call shape).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import asyncio
 import base64
 import binascii
 import hmac
-import inspect
 import logging
 import time
 from dataclasses import dataclass, field
@@ -39,8 +39,7 @@ from trimodal.inference.messages import MediaLimits, ParsedRequest, RequestError
 from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, RequestLimits, bad_request,
                                            chunk_object, completion_object, error_body, models_object,
                                            parse_chat_request, parse_json_body, sse_event, usage_object)
-
-from serve_app.deployments import GenerationRequest
+from trimodal.inference.requests import GenerationRequest
 
 log = logging.getLogger("trimodal.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -383,51 +382,3 @@ class Ingress:
             if not finished:
                 stream.cancel()
         yield SSE_DONE
-
-
-class LocalHandle:
-    """A plain object with the call shape of a DeploymentHandle (`h.method.remote(...)`, `.options(stream=True)`).
-
-    Lets the Ingress drive plain deployment objects in one process (unit tests, no Serve).
-    """
-
-    def __init__(self, target: Any, stream: bool = False):
-        self._target = target
-        self._stream = stream
-
-    def options(self, stream: bool = False, **_: Any) -> "LocalHandle":
-        return LocalHandle(self._target, stream)
-
-    def __getattr__(self, name: str) -> "_LocalMethod":
-        return _LocalMethod(getattr(self._target, name), self._stream)
-
-
-class _LocalMethod:
-    def __init__(self, method: Callable, stream: bool):
-        self.method = method
-        self.stream = stream
-
-    def remote(self, *args: Any, **kwargs: Any):
-        if self.stream:
-            return _LocalStream(self.method(*args, **kwargs))
-        return asyncio.ensure_future(_resolve(self.method(*args, **kwargs)))
-
-
-async def _resolve(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-class _LocalStream:
-    """An async generator with DeploymentResponseGenerator's `cancel()`."""
-
-    def __init__(self, gen: AsyncIterator):
-        self._gen = gen
-
-    def __aiter__(self) -> "_LocalStream":
-        return self
-
-    async def __anext__(self) -> Any:
-        return await self._gen.__anext__()
-
-    def cancel(self) -> None:
-        asyncio.ensure_future(self._gen.aclose())

@@ -23,6 +23,7 @@ from trimodal.config import TrimodalConfig, load_config
 from trimodal.inference.media_fetch import MediaSandbox, parse_domains
 from trimodal.inference.messages import MediaLimits
 from trimodal.inference.openai_api import RequestLimits
+from trimodal.inference.requests import prompt_token_limit
 
 from serve_app.ingress import IngressSettings
 
@@ -204,7 +205,7 @@ def lm_hidden_size(cfg: TrimodalConfig) -> int:
 
     if source.kind == "hub":
         return AutoConfig.from_pretrained(source.name, revision=source.revision).hidden_size
-    from trimodal.sources import resolve_source
+    from trimodal.weights.sources import resolve_source
 
     return AutoConfig.from_pretrained(resolve_source(source)).hidden_size
 
@@ -212,7 +213,7 @@ def lm_hidden_size(cfg: TrimodalConfig) -> int:
 def ingress_settings(s: AppSettings) -> IngressSettings:
     """The ingress's view of the settings."""
     cfg, serving = s.cfg, s.cfg.serving
-    prompt_tokens = cfg.data.max_length * 8  # the LanguageModel's limit (deployments.LanguageModel)
+    prompt_tokens = prompt_token_limit(cfg)
     return IngressSettings(
         model_id=f"trimodal-{cfg.name}", preset=cfg.name, run_name=s.run_name, run_note=s.run_note,
         max_prompt_tokens=prompt_tokens, max_prompt_chars=prompt_tokens * CHARS_PER_TOKEN,

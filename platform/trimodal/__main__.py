@@ -40,9 +40,9 @@ def _read(path: str, what: str) -> bytes:
 def _ask(args) -> None:
     import base64
 
-    from trimodal.inference.engine import build_engine
-    from trimodal.inference.generation import SamplingParams
     from trimodal.inference.messages import decode_image
+    from trimodal.inference.requests import SamplingParams
+    from trimodal.runs import load_engine
 
     cfg = load_config(args.preset)
     images = [_read(f, "image") for f in args.image]
@@ -50,7 +50,7 @@ def _ask(args) -> None:
     for f, data in zip(args.image, images):
         decode_image(data, cfg.serving.max_image_pixels, param=f)  # fail early with a clear line
     start = time.perf_counter()
-    engine = build_engine(cfg, args.run, args.device, vision=bool(images), speech=audio is not None)
+    engine = load_engine(cfg, args.run, args.device, vision=bool(images), speech=audio is not None)
     loaded = time.perf_counter()
     parts = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(d).decode()}}
              for d in images]
@@ -59,9 +59,9 @@ def _ask(args) -> None:
         parts.append({"type": "input_audio", "input_audio": {"data": base64.b64encode(audio).decode(), "format": fmt}})
     if args.question:
         parts.append({"type": "text", "text": args.question})
-    if engine.images is not None and not engine.images.trained:
+    if engine.image_encoder is not None and not engine.image_encoder.trained:
         print("[note] image answers use an UNTRAINED projector (no finished run given); "
-              f"vision tower: {engine.images.tower.info.model_id}", file=sys.stderr)
+              f"vision tower: {engine.image_encoder.tower.info.model_id}", file=sys.stderr)
     params = SamplingParams(max_tokens=args.max_tokens or cfg.serving.max_tokens_default,
                             temperature=args.temperature)
     result = engine.chat([{"role": "user", "content": parts}], params)
@@ -73,8 +73,8 @@ def _ask(args) -> None:
 
 
 def _transcribe(args) -> None:
-    from trimodal.models.bundle import load_speech
-    from trimodal.models.speech import decode_audio
+    from trimodal.audio import decode_audio
+    from trimodal.runs import load_speech
 
     cfg = load_config(args.preset)
     audio = decode_audio(_read(args.file, "audio"), max_seconds=None)

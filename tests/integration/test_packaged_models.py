@@ -29,7 +29,7 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
 
 def test_smollm2_chat_through_our_engine(smollm2):
     from trimodal.inference.engine import Prompt, TextGenerator
-    from trimodal.inference.generation import SamplingParams
+    from trimodal.inference.requests import SamplingParams
     from trimodal.models.chat import Turn
 
     lm, tok = smollm2
@@ -40,16 +40,16 @@ def test_smollm2_chat_through_our_engine(smollm2):
 
 
 def test_cpu_preset_builds_all_its_models():
-    from trimodal.inference.engine import build_engine
+    from trimodal.runs import load_engine
 
-    engine = build_engine(load_config("cpu", ["model.vision.source.name=/nonexistent/stage0"]))
+    engine = load_engine(load_config("cpu", ["model.vision.source.name=/nonexistent/stage0"]))
     assert engine.generator.lm.config.model_type == "llama"
-    info = engine.images.tower.info
+    info = engine.image_encoder.tower.info
     assert info.untrained and "UNTRAINED" in info.model_id  # stage 0 has not run for this path
     assert (info.num_patches, info.hidden_size) == (49, 256)
-    assert not engine.images.trained
-    assert engine.speech is not None
-    feats = engine.images.tower(torch.zeros(1, 3, info.image_size, info.image_size))
+    assert not engine.image_encoder.trained
+    assert engine.transcriber is not None
+    feats = engine.image_encoder.tower(torch.zeros(1, 3, info.image_size, info.image_size))
     assert feats.shape == (1, 49, 256)
 
 

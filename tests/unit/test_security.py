@@ -180,7 +180,7 @@ def cfg():
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_run_projector_refuses_a_pickle(tmp_path, marker, cfg, fmt):
-    from trimodal.models.bundle import load_projector, read_run
+    from trimodal.runs import load_projector, read_run
 
     final = tmp_path / "run" / "final"
     final.mkdir(parents=True)
@@ -301,7 +301,7 @@ def adapter_run(tmp_path_factory, cfg, lm_dir) -> tuple[Path, object]:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("weights", ["adapter_model.safetensors", "adapter_model.bin"])
 def test_lora_adapter_refuses_a_pickle(tmp_path, marker, adapter_run, weights, fmt):
-    from trimodal.models.bundle import load_lm_for_run, read_run
+    from trimodal.runs import load_lm_for_run, read_run
 
     final, run_cfg = adapter_run
     load_lm_for_run(run_cfg, read_run(final))  # the genuine adapter loads

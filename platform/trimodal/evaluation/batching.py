@@ -16,7 +16,8 @@ from typing import Callable, Hashable, Iterator, Sequence
 import torch
 
 from trimodal.inference.engine import Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams, TextTracker, decode_from, prefill_shared
+from trimodal.inference.generation import TextTracker, decode_from, prefill_shared
+from trimodal.inference.requests import SamplingParams
 
 
 @dataclass

@@ -15,24 +15,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimodal.config import config_from_dict
 from trimodal.evaluation.caption_metrics import cider_d, corpus_bleu
 from trimodal.evaluation.scoring import answer_correct, question_type
 from trimodal.evaluation.batching import EvalPrompt, greedy_answers
 from trimodal.inference.engine import TextGenerator
-from trimodal.models.bundle import load_lm_for_run, load_projector, read_run
 from trimodal.models.chat import IMAGE_MARKER, Turn
+from trimodal.models.multimodal import project_image_features
+from trimodal.runs import load_projector, load_text_generator, read_run, read_run_config
+
+EVAL_PROMPT_TOKENS = 4096
+"""The longest prompt evaluation tokenises (TextGenerator's default; the serving limit `prompt_token_limit` is not
+applied here)."""
 
 
 def load_for_eval(run_dir: Path, vision_dim: int, device: str = "cpu"):
-    """(generator, projector, cfg) of a finished run."""
-    import yaml
-
+    """(generator, projector, cfg) of a finished run; the projector takes the precomputed tower features."""
     run = read_run(run_dir)
-    cfg = config_from_dict(yaml.safe_load((run.directory / "config.yaml").read_text()))
-    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
-    projector, _ = load_projector(run, vision_dim, lm.config.hidden_size)
-    return TextGenerator(lm, tokenizer, end_id), projector.to(device).eval(), cfg
+    cfg = read_run_config(run)
+    gen = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS)
+    projector, _ = load_projector(run, vision_dim, gen.lm.config.hidden_size)
+    return gen, projector.to(device).eval(), cfg
 
 
 def answer_all(gen: TextGenerator, projector, embeddings: dict[int, np.ndarray],
@@ -44,9 +46,8 @@ def answer_all(gen: TextGenerator, projector, embeddings: dict[int, np.ndarray],
     @torch.no_grad()
     def image_embeds(image: int) -> torch.Tensor:
         if image not in projected:
-            param = next(projector.parameters())
-            feats = torch.from_numpy(np.asarray(embeddings[image], dtype=np.float32)).to(param.device)
-            projected[image] = projector(feats.unsqueeze(0))  # [N, D] -> [1, N, D] -> [1, N, H]
+            feats = torch.from_numpy(np.asarray(embeddings[image], dtype=np.float32))  # [N, D]
+            projected[image] = project_image_features(projector, feats.unsqueeze(0))  # [1, N, D] -> [1, N, H]
         return projected[image]
 
     def progress(done: int) -> None:

@@ -1,7 +1,8 @@
 """The in-process inference engine: messages -> prompt -> KV-cache generation -> text (batched, streaming).
 
-Three parts that serving runs as separate deployments and the CLI runs in one process:
-`ImageEncoder` (CLIP tower + projector), `Speech` (Whisper) and `TextGenerator` (LM + tokenizer).
+Three parts that serving runs as separate deployments and the CLI runs in one process: an `ImageEncoder`
+(CLIP tower + projector, `trimodal.models.multimodal`), a Whisper `Transcriber` (`trimodal.models.speech`) and a
+`TextGenerator` (LM + tokenizer, here). `trimodal.runs.load_engine` loads all three from a finished run.
 """
 
 from __future__ import annotations
@@ -10,33 +11,12 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 import torch
-from PIL import Image
 
-from trimodal.inference.generation import SamplingParams, TextTracker, decode_steps
+from trimodal.inference.generation import TextTracker, decode_steps
 from trimodal.inference.messages import MediaLimits, ParsedRequest, parse_messages
+from trimodal.inference.requests import SamplingParams
 from trimodal.models.chat import Turn, encode_conversation
-from trimodal.models.multimodal import merge_image_embeds
-from trimodal.models.projector import Projector
-from trimodal.models.vision import VisionTower
-
-
-class ImageEncoder:
-    """Frozen CLIP tower + projector: PIL images -> LM-space embeddings [n, N, H]."""
-
-    def __init__(self, tower: VisionTower, projector: Projector, trained: bool):
-        self.tower = tower
-        self.projector = projector.eval().requires_grad_(False)
-        self.trained = trained
-
-    @property
-    def num_patches(self) -> int:
-        return self.tower.info.num_patches
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        features = self.tower.encode_images(images)  # [n, N, Dv]
-        param = next(self.projector.parameters())
-        return self.projector(features.to(param.device, param.dtype))  # [n, N, Dv] -> [n, N, H]
+from trimodal.models.multimodal import ImageEncoder, merge_image_embeds
 
 
 @dataclass
@@ -142,14 +122,21 @@ def _to(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return None if tensor is None else tensor.to(like.device, like.dtype)
 
 
+def tokenize_prompt(generator: TextGenerator, turns: list[Turn], image_embeds: torch.Tensor | None,
+                    transcripts: Sequence[str] = ()) -> Prompt:
+    """The Prompt of rendered turns whose image markers take `image_embeds` [n, N, H] (ValueError: too long)."""
+    num_patches = image_embeds.shape[1] if image_embeds is not None else 0
+    return Prompt(generator.encode(turns, num_patches), image_embeds, list(transcripts))
+
+
 class Engine:
     """Everything in one process: the CLI, tests and the in-process benchmark use it."""
 
-    def __init__(self, generator: TextGenerator, images: ImageEncoder | None, speech=None,
+    def __init__(self, generator: TextGenerator, image_encoder: ImageEncoder | None, transcriber=None,
                  limits: MediaLimits | None = None):
         self.generator = generator
-        self.images = images
-        self.speech = speech
+        self.image_encoder = image_encoder
+        self.transcriber = transcriber
         self.limits = limits or MediaLimits()
 
     def prepare(self, messages: list[dict]) -> Prompt:
@@ -158,34 +145,14 @@ class Engine:
         return self.prepare_parsed(parsed)
 
     def prepare_parsed(self, parsed: ParsedRequest) -> Prompt:
-        if parsed.audios and self.speech is None:
+        if parsed.audios and self.transcriber is None:
             raise ValueError("this engine has no speech model loaded")
-        if parsed.images and self.images is None:
+        if parsed.images and self.image_encoder is None:
             raise ValueError("this engine has no vision model loaded")
-        transcripts = [self.speech.transcribe(a) for a in parsed.audios] if parsed.audios else []
-        image_embeds = self.images(parsed.images) if parsed.images else None
-        num_patches = self.images.num_patches if self.images is not None else 0
-        ids = self.generator.encode(parsed.turns(transcripts), num_patches)
-        return Prompt(ids, image_embeds, transcripts)
+        transcripts = [self.transcriber.transcribe(a) for a in parsed.audios] if parsed.audios else []
+        image_embeds = self.image_encoder(parsed.images) if parsed.images else None
+        return tokenize_prompt(self.generator, parsed.turns(transcripts), image_embeds, transcripts)
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None) -> Completion:
         """One request, non-streaming."""
         return self.generator.generate([self.prepare(messages)], [params or SamplingParams()])[0]
-
-
-def build_engine(cfg, run_dir=None, device: str = "cpu", vision: bool = True, speech: bool = True) -> Engine:
-    """Load the parts named by `cfg` (and a finished run's projector/adapter/tower) into an Engine."""
-    from trimodal.models.bundle import load_lm_for_run, load_projector, load_speech, load_tower_for_run, read_run
-
-    run = read_run(run_dir)
-    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
-    generator = TextGenerator(lm, tokenizer, end_id, max_length=cfg.data.max_length * 8)
-    encoder = None
-    if vision:
-        tower = load_tower_for_run(cfg, run, device)
-        projector, trained = load_projector(run, tower.info.hidden_size, lm.config.hidden_size,
-                                            cfg.model.projector_seed)
-        encoder = ImageEncoder(tower, projector.to(device), trained)
-    transcriber = load_speech(cfg.model.speech, device) if speech else None
-    limits = MediaLimits(cfg.serving.max_image_pixels, cfg.serving.max_images, cfg.model.speech.max_seconds)
-    return Engine(generator, encoder, transcriber, limits)

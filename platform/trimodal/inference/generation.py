@@ -13,21 +13,7 @@ from typing import Iterator, Sequence
 import torch
 from transformers import DynamicCache
 
-
-@dataclass
-class SamplingParams:
-    """How one request is decoded."""
-
-    max_tokens: int = 128
-    """Most new tokens."""
-    temperature: float = 0.0
-    """0 is greedy; higher is more random."""
-    top_p: float = 1.0
-    """Nucleus sampling mass."""
-    stop: tuple[str, ...] = ()
-    """Strings that end the answer (not included in it)."""
-    seed: int | None = None
-    """Seed for sampling; None draws one."""
+from trimodal.inference.requests import SamplingParams
 
 
 @dataclass
@@ -277,23 +263,6 @@ def _keep_rows(state: DecodeState, keep: list[int]) -> DecodeState:
     index = torch.tensor(keep, device=state.mask.device)
     state.cache.batch_select_indices(index)
     return DecodeState(state.logits[index], state.cache, state.mask[index], state.next_pos[index])
-
-
-@torch.no_grad()
-def greedy_without_cache(lm, prompt: torch.Tensor, max_tokens: int, eos_ids: set[int]) -> list[int]:
-    """The seed's way: re-run the whole sequence every token (no KV cache). For tests and benchmarks."""
-    embed = lm.get_input_embeddings()
-    seq = prompt.unsqueeze(0)  # [T, H] -> [1, T, H]
-    tokens: list[int] = []
-    for _ in range(max_tokens):
-        logits = lm(inputs_embeds=seq, use_cache=False).logits[:, -1]
-        token = int(logits.argmax(-1))
-        if token in eos_ids:
-            break
-        tokens.append(token)
-        new = embed(torch.tensor([[token]], device=seq.device)).to(seq.dtype)  # [1, 1, H]
-        seq = torch.cat([seq, new], dim=1)
-    return tokens
 
 
 class TextTracker:

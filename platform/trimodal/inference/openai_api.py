@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from trimodal.inference.generation import SamplingParams
+from trimodal.inference.requests import SamplingParams
 
 MAX_JSON_DEPTH = 32
 """Deepest nesting of arrays/objects a request may have (a chat request needs about 6)."""

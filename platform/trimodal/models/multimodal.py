@@ -1,17 +1,48 @@
-"""The multimodal LM: projected image features merged into the LM's input embeddings with one masked scatter."""
+"""The path of an image into the LM: CLIP patch features -> projector -> LM-space embeddings, merged into the
+LM's input embeddings with one masked scatter.
+
+`project_image_features` is the one place tower features meet the projector (cast to its device and dtype); the
+`ImageEncoder` (tower + projector, for serving and the CLI), `MultimodalLM` (training, on precomputed features) and
+evaluation all project through it.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from trimodal.models.projector import Projector
+from trimodal.models.vision import VisionTower
 
 
 class FeatureCountError(ValueError):
     """Image placeholders and image features disagree."""
+
+
+def project_image_features(projector: Projector, features: torch.Tensor) -> torch.Tensor:
+    """CLIP patch features [n, N, Dv] (any device, any float dtype) -> LM-space embeddings [n, N, H]."""
+    param = next(projector.parameters())
+    return projector(features.to(param.device, param.dtype))
+
+
+class ImageEncoder:
+    """Frozen CLIP tower + projector: PIL images -> LM-space embeddings [n, N, H]."""
+
+    def __init__(self, tower: VisionTower, projector: Projector, trained: bool):
+        self.tower = tower
+        self.projector = projector.eval().requires_grad_(False)
+        self.trained = trained  # the projector holds a finished run's weights (False: freshly initialised)
+
+    @property
+    def num_patches(self) -> int:
+        return self.tower.info.num_patches
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
+        return project_image_features(self.projector, self.tower.encode_images(images))  # [n, N, Dv] -> [n, N, H]
 
 
 def merge_image_embeds(token_embeds: torch.Tensor, input_ids: torch.Tensor,
@@ -40,8 +71,7 @@ class MultimodalLM(nn.Module):
 
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP features [n, N, Dv] -> LM-space embeddings [n, N, H]."""
-        param = next(self.projector.parameters())
-        return self.projector(features.to(param.device, param.dtype))
+        return project_image_features(self.projector, features)
 
     def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None) -> torch.Tensor:
         """Token ids with image placeholders + projected images -> inputs_embeds [B, T, H]."""

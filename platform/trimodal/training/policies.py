@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from trimodal.config import TrimodalConfig
-from trimodal.models.bundle import RunInfo, load_projector
 from trimodal.models.language import image_end_id, load_language_model
 from trimodal.models.multimodal import MultimodalLM
+from trimodal.runs import RunInfo, load_projector
 
 
 @dataclass

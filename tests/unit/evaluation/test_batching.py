@@ -6,7 +6,7 @@ import torch
 
 from trimodal.evaluation.batching import EvalPrompt, batch_chains, greedy_answers, prefix_chains, stems
 from trimodal.inference.engine import Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams
+from trimodal.inference.requests import SamplingParams
 from trimodal.models.chat import IMAGE_MARKER, Turn
 
 PATCHES = 4

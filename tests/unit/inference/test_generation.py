@@ -1,8 +1,15 @@
+import sys
+from pathlib import Path
+
 import torch
 
 from trimodal.inference.engine import Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams, TextTracker, decode_steps, greedy_without_cache
+from trimodal.inference.generation import TextTracker, decode_steps
+from trimodal.inference.requests import SamplingParams
 from trimodal.models.chat import Turn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "bench"))  # the no-cache baseline the benchmark times
+from reference_decoding import greedy_without_cache  # noqa: E402
 
 
 def _prompts(gen: TextGenerator, questions):

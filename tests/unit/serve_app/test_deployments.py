@@ -14,10 +14,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives at the repo root
 
-from serve_app.deployments import GenerationRequest, Job, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
+from serve_app.deployments import Job, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
 from serve_app.ingress import shrink_image  # noqa: E402
 from trimodal.inference.engine import Delta  # noqa: E402
-from trimodal.inference.generation import SamplingParams  # noqa: E402
+from trimodal.inference.requests import GenerationRequest, SamplingParams  # noqa: E402
 from trimodal.models.chat import IMAGE_MARKER, Turn  # noqa: E402
 
 

@@ -17,9 +17,11 @@ import soundfile as sf
 from starlette.testclient import TestClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # local_handles, next to this file
 
+from local_handles import LocalHandle  # noqa: E402
 from serve_app.deployments import LanguageModel, Speech, Vision  # noqa: E402
-from serve_app.ingress import Ingress, LocalHandle, supplied_key  # noqa: E402
+from serve_app.ingress import Ingress, supplied_key  # noqa: E402
 from serve_app.settings import AppSettings, ingress_settings  # noqa: E402
 
 ASK = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}

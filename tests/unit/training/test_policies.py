@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import PhiConfig, PhiForCausalLM
 
 from trimodal.config import load_config
-from trimodal.models.bundle import RunInfo
+from trimodal.runs import RunInfo
 from trimodal.models.projector import Projector
 from trimodal.training.policies import count_parameters, stage1_model, stage2_model
 

@@ -1,0 +1,131 @@
+"""Finished training runs, and the one way to load one for answering questions.
+
+A run's `final/` directory holds `run.json` (naming the vision tower the projector was trained with), the resolved
+`config.yaml`, `projector.safetensors` and, after stage 2, a peft LoRA `adapter/`. Without a run (None) the
+projector is freshly initialised from the config's seed and every part says it is untrained.
+
+From a run this module loads:
+
+- its images: the tower it was trained with + its projector, as one `ImageEncoder` (PIL images -> LM-space
+  embeddings; see docs/architecture.md, "The path of an image");
+- its text: the LM + its adapter + the tokenizer, as a `TextGenerator`;
+- speech: the config's Whisper, as a transcriber;
+- or all three in one `Engine` (the CLI). The serving deployments and evaluation call the same loaders.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from trimodal.config import SpeechConfig, TrimodalConfig, config_from_dict
+from trimodal.inference.engine import Engine, TextGenerator
+from trimodal.inference.messages import MediaLimits
+from trimodal.inference.requests import prompt_token_limit
+from trimodal.models.language import image_end_id, load_language_model
+from trimodal.models.multimodal import ImageEncoder
+from trimodal.models.projector import Projector, build_projector
+from trimodal.models.vision import VisionTower, load_vision_tower
+from trimodal.weights.sources import resolve_source
+
+
+@dataclass
+class RunInfo:
+    """What a finished run exported (read from `final/run.json`)."""
+
+    directory: Path | None
+    """The run's final/ directory, or None for an untrained projector."""
+    vision_tower: str | None
+    """Tower directory the projector was trained with (None: the config's tower)."""
+    has_adapter: bool
+    """A LoRA adapter was exported."""
+
+
+def read_run(final_dir: str | Path | None) -> RunInfo:
+    """Read a run's `final/` (a run directory is accepted too)."""
+    if final_dir is None:
+        return RunInfo(None, None, False)
+    path = Path(final_dir)
+    if (path / "final").is_dir():
+        path = path / "final"
+    meta_file = path / "run.json"
+    if not meta_file.exists():
+        raise FileNotFoundError(f"{path} is not a finished run (no run.json); train with jobs/pretrain.py")
+    meta = json.loads(meta_file.read_text())
+    return RunInfo(path, meta.get("vision_tower"), (path / "adapter").is_dir())
+
+
+def read_run_config(run: RunInfo) -> TrimodalConfig:
+    """The config the run was trained with (its `config.yaml`)."""
+    import yaml
+
+    return config_from_dict(yaml.safe_load((run.directory / "config.yaml").read_text()))
+
+
+def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0) -> tuple[Projector, bool]:
+    """(projector, trained): the run's weights (safetensors only) or a fresh seeded one."""
+    projector = build_projector(vision_dim, lm_hidden, seed)
+    if run.directory is None:
+        return projector, False
+    state = load_file(str(run.directory / "projector.safetensors"))
+    projector.load_state_dict(state, strict=True)
+    return projector, True
+
+
+def load_tower_for_run(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu") -> VisionTower:
+    """The tower the run was trained with, else the config's."""
+    tower_dir = run.vision_tower if run.vision_tower and Path(run.vision_tower).exists() else None
+    return load_vision_tower(cfg.model.vision, tower_dir, device=device)
+
+
+def load_image_encoder(cfg: TrimodalConfig, run: RunInfo, lm_hidden: int,
+                       device: str | torch.device = "cpu") -> ImageEncoder:
+    """The run's tower + projector (projecting to the LM width `lm_hidden`) as one image encoder."""
+    tower = load_tower_for_run(cfg, run, device)
+    projector, trained = load_projector(run, tower.info.hidden_size, lm_hidden, cfg.model.projector_seed)
+    return ImageEncoder(tower, projector.to(device), trained)
+
+
+def load_lm_for_run(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu"):
+    """(lm, tokenizer, image_end_id) with the run's LoRA adapter applied when it has one."""
+    lm, tokenizer = load_language_model(cfg.model.language_model, device=device)
+    if run.has_adapter:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(run.directory / "adapter"))
+    lm.eval().requires_grad_(False)
+    return lm, tokenizer, image_end_id(cfg.model.language_model, tokenizer)
+
+
+def load_text_generator(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu",
+                        max_prompt_tokens: int | None = None) -> TextGenerator:
+    """The run's LM + adapter + tokenizer; prompts up to `max_prompt_tokens` (default `prompt_token_limit`)."""
+    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
+    limit = max_prompt_tokens if max_prompt_tokens is not None else prompt_token_limit(cfg)
+    return TextGenerator(lm, tokenizer, end_id, max_length=limit)
+
+
+def load_speech(cfg: SpeechConfig, device: str | torch.device = "cpu"):
+    """The Whisper transcriber for the config (packaged/path Whisper, or a tiny random one)."""
+    from trimodal.models.speech import Speech, build_random_whisper, load_whisper_from_dir
+
+    if cfg.source.kind == "random":
+        model = build_random_whisper(seed=0)
+    else:
+        model = load_whisper_from_dir(resolve_source(cfg.source), device=device)
+    return Speech(model.to(device), language=cfg.language)
+
+
+def load_engine(cfg: TrimodalConfig, run_dir: str | Path | None = None, device: str = "cpu", vision: bool = True,
+                speech: bool = True) -> Engine:
+    """The parts named by `cfg` (with a finished run's tower, projector and adapter) in one Engine."""
+    run = read_run(run_dir)
+    generator = load_text_generator(cfg, run, device)
+    encoder = load_image_encoder(cfg, run, generator.lm.config.hidden_size, device) if vision else None
+    transcriber = load_speech(cfg.model.speech, device) if speech else None
+    limits = MediaLimits(cfg.serving.max_image_pixels, cfg.serving.max_images, cfg.model.speech.max_seconds)
+    return Engine(generator, encoder, transcriber, limits)
