@@ -143,8 +143,8 @@ def run_job(job: Callable[[], None]) -> int:
 
     from trimodal.data.formats import AnnotationError
     from trimodal.data.readers import DataDirError
-    from trimodal.sources import SourceError
     from trimodal.training.scaffold import RunExistsError
+    from trimodal.weights.sources import SourceError
 
     try:
         job()

@@ -132,7 +132,7 @@ def _audio_part(part: dict, param: str, limits: MediaLimits) -> np.ndarray:
     if fmt not in AUDIO_FORMATS:
         raise RequestError(f"input_audio.format {fmt!r} is not one of {', '.join(AUDIO_FORMATS)}", param)
     raw = decode_base64(audio.get("data"), f"{param}.data")
-    from trimodal.models.speech import AudioError, decode_audio
+    from trimodal.audio import AudioError, decode_audio
 
     try:
         return decode_audio(raw, max_seconds=limits.max_audio_seconds)

@@ -11,7 +11,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 
 from trimodal.config import LanguageModelConfig, QuantConfig, TinyLMShape
 from trimodal.models.init import seeded
-from trimodal.sources import atomic_build, default_cache_dir, resolve_source
+from trimodal.weights.sources import atomic_build, default_cache_dir, resolve_source
 
 # ChatML, as SmolLM2 and Qwen use; for tokenizers that ship no chat template (e.g. Phi-2 uses its own below).
 CHATML_TEMPLATE = (

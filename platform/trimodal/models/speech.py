@@ -1,148 +1,25 @@
-"""Speech: decode audio bytes to 16 kHz mono float32, and transcribe it with openai-whisper.
+"""Speech recognition: transcribe 16 kHz mono float32 clips (see `trimodal.audio.decode_audio`) with openai-whisper.
 
-`decode_audio` reads WAV, FLAC, OGG/Vorbis and MP3 through soundfile (libsndfile; no ffmpeg) and refuses audio
-that is undecodable, empty or longer than a limit: the header is checked before decoding, and at most the limit
-plus one frame is ever decoded, a second at a time. It mixes to mono and resamples with a Kaiser-windowed sinc
-filter. `Speech` transcribes deterministically (greedy, temperature 0, no fallback) and returns "" for silence
-instead of Whisper's hallucinations. Clips over 30 s are cut at their quietest moments into <= 30 s pieces that
-are decoded as one batch (openai-whisper's own sliding window dropped repeated sentences in our tests). Weights
-come from `whisper_convert` (safetensors + dims.json); nothing is unpickled.
+`Speech` transcribes deterministically (greedy, temperature 0, no fallback) and returns "" for silence instead of
+Whisper's hallucinations. Clips over 30 s are cut at their quietest moments into <= 30 s pieces that are decoded as
+one batch (openai-whisper's own sliding window dropped repeated sentences in our tests). Weights come from
+`trimodal.weights.whisper_ct2` (safetensors + dims.json); nothing is unpickled.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import math
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-import soundfile as sf
 import torch
-import torch.nn.functional as F
 from whisper.audio import N_FRAMES, N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram, pad_or_trim
 from whisper.decoding import DecodingOptions, DecodingResult
 from whisper.model import ModelDimensions, Whisper
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE, get_tokenizer
 
+from trimodal.audio import AudioError
 from trimodal.models.init import seeded
-
-MIN_RATE, MAX_RATE, MAX_CHANNELS = 1_000, 192_000, 32
-UNKNOWN_FRAMES = 1 << 62  # libsndfile reports SF_COUNT_MAX when a stream's length is unknown
-
-
-class AudioError(ValueError):
-    """Audio that cannot be used: undecodable, empty, too long, or not finite. The message says which."""
-
-
-def _sinc_kernels(orig: int, new: int, zeros: int, rolloff: float, beta: float) -> tuple[torch.Tensor, int]:
-    """Polyphase filter bank [new, 1, taps] resampling by new/orig, and the padding (input samples) it needs.
-
-    Kernel p computes output phase p: a sinc low-pass at `rolloff` x the lower Nyquist, Kaiser-windowed over
-    `zeros` zero crossings on each side (the construction torchaudio's `sinc_interp_kaiser` uses).
-    """
-    base = min(orig, new) * rolloff
-    width = math.ceil(zeros * orig / base)
-    idx = torch.arange(-width, width + orig, dtype=torch.float64) / orig
-    t = (idx[None, :] - torch.arange(new, dtype=torch.float64)[:, None] / new) * base  # in zero crossings
-    ramp = (1 - (t / zeros) ** 2).clamp(min=0).sqrt()
-    window = torch.i0(beta * ramp) / torch.i0(torch.tensor(beta, dtype=torch.float64))
-    kernels = torch.where(t.abs() < zeros, torch.special.sinc(t) * window, 0.0) * (base / orig)
-    return kernels[:, None, :].float(), width
-
-
-def resample(audio: np.ndarray, rate_in: int, rate_out: int = SAMPLE_RATE, zeros: int = 32,
-             rolloff: float = 0.945, beta: float = 10.0) -> np.ndarray:
-    """Band-limited resampling of 1-D float audio (Kaiser-windowed sinc, ~95 dB stopband).
-
-    The ratio is reduced to a fraction with denominator <= 1000 (exact for all common rates; odd rates are
-    approximated to well under 0.01%), so the filter bank stays small.
-    """
-    audio = np.ascontiguousarray(audio, dtype=np.float32)
-    if rate_in == rate_out or audio.size == 0:
-        return audio
-    ratio = Fraction(rate_out, rate_in).limit_denominator(1000)
-    new, orig = ratio.numerator, ratio.denominator
-    kernels, width = _sinc_kernels(orig, new, zeros, rolloff, beta)
-    x = F.pad(torch.from_numpy(audio)[None, None], (width, width + orig))
-    y = F.conv1d(x, kernels, stride=orig)[0].T.reshape(-1)
-    return y[: math.ceil(audio.size * new / orig)].numpy()
-
-
-def _open_sound(data: bytes | str | Path) -> sf.SoundFile:
-    """A SoundFile for bytes or a path; AudioError when libsndfile cannot parse it."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        if len(data) == 0:
-            raise AudioError("no audio data (0 bytes)")
-        source = io.BytesIO(bytes(data))
-    else:
-        source = Path(data)
-        if not source.is_file():
-            raise FileNotFoundError(f"audio file {source} does not exist")
-    try:
-        return sf.SoundFile(source)
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise AudioError(f"cannot decode the audio (supported: WAV, FLAC, OGG/Vorbis, MP3): {_reason(exc)}") from None
-
-
-def _reason(exc: Exception) -> str:
-    """libsndfile's own message, without the Python object repr soundfile puts around it."""
-    return str(getattr(exc, "error_string", None) or exc)
-
-
-def _too_long(max_seconds: float, seconds: float | None = None) -> AudioError:
-    length = f"{seconds:.1f} s long" if seconds is not None else "longer than that (stopped decoding there)"
-    return AudioError(f"audio over the duration limit of {max_seconds:g} s: it is {length}")
-
-
-def _check_header(sound: sf.SoundFile, max_seconds: float | None) -> None:
-    """Refuse odd rates and channel counts, and audio whose header already says it is too long."""
-    rate, frames = sound.samplerate, sound.frames
-    if not MIN_RATE <= rate <= MAX_RATE:
-        raise AudioError(f"sample rate {rate} Hz is outside {MIN_RATE}..{MAX_RATE} Hz")
-    if not 1 <= sound.channels <= MAX_CHANNELS:
-        raise AudioError(f"{sound.channels} channels; at most {MAX_CHANNELS} are accepted")
-    if max_seconds is not None and 0 < frames < UNKNOWN_FRAMES and frames / rate > max_seconds:
-        raise _too_long(max_seconds, frames / rate)
-
-
-def _read_mono(sound: sf.SoundFile, max_frames: int | None) -> np.ndarray:
-    """Decode one second at a time, mixing to mono, and stop after `max_frames` (memory stays bounded)."""
-    blocks, total = [], 0
-    while max_frames is None or total < max_frames:
-        want = sound.samplerate if max_frames is None else min(sound.samplerate, max_frames - total)
-        try:
-            block = sound.read(frames=want, dtype="float32", always_2d=True)
-        except (RuntimeError, TypeError, ValueError) as exc:
-            raise AudioError(f"cannot decode the audio: {_reason(exc)}") from None
-        if block.shape[0] == 0:
-            break
-        blocks.append(block.mean(axis=1, dtype=np.float32))
-        total += block.shape[0]
-    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-
-
-def decode_audio(data: bytes | str | Path, max_seconds: float | None = None) -> np.ndarray:
-    """Decode WAV/FLAC/OGG/MP3 bytes or a file to float32 mono at 16 kHz.
-
-    Raises AudioError for undecodable or empty audio, non-finite samples, and audio longer than `max_seconds`
-    (refused from the header before decoding where the header tells the length, and measured while decoding:
-    at most max_seconds plus one frame is ever decoded).
-    """
-    if max_seconds is not None and max_seconds <= 0:
-        raise ValueError(f"max_seconds must be positive, got {max_seconds}")
-    with _open_sound(data) as sound:
-        _check_header(sound, max_seconds)
-        rate = sound.samplerate
-        mono = _read_mono(sound, None if max_seconds is None else int(max_seconds * rate) + 1)
-    if mono.size == 0:
-        raise AudioError("the audio is empty (no samples)")
-    if max_seconds is not None and mono.size / rate > max_seconds:
-        raise _too_long(max_seconds)
-    if not np.isfinite(mono).all():
-        raise AudioError("the audio contains NaN or infinite samples")
-    return resample(mono, rate, SAMPLE_RATE)
 
 
 def load_whisper_from_dir(path: str | Path, device: str | torch.device = "cpu") -> Whisper:

@@ -14,7 +14,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
 from trimodal.config import TinyCLIPShape, VisionConfig
 from trimodal.models.init import seeded
-from trimodal.sources import SourceError, resolve_source
+from trimodal.weights.sources import SourceError, resolve_source
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

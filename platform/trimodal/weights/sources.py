@@ -10,13 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from trimodal.config import ModelSource
+from trimodal.files import publish_dir
+from trimodal.weights.whisper_ct2 import write_whisper_dir
 
 
 class SourceError(RuntimeError):
@@ -101,19 +101,16 @@ def locate_packaged_file(spec: PackagedFile) -> Path:
 
 
 def atomic_build(out_dir: Path, build: Callable[[Path], None]) -> Path:
-    """Run `build(tmp_dir)` and move the result to `out_dir` only when it finished."""
+    """Run `build(scratch_dir)` and publish the result as `out_dir` only when it finished.
+
+    A finished `out_dir` holds a `.complete` marker and is returned as it is; one without the marker (left by an
+    older writer) is rebuilt.
+    """
     if (out_dir / ".complete").exists():
         return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    try:
-        build(tmp)
-        (tmp / ".complete").write_text("ok\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with publish_dir(out_dir) as scratch:
+        build(scratch)
+        (scratch / ".complete").write_text("ok\n")
     return out_dir
 
 
@@ -139,12 +136,7 @@ def _convert_packaged(name: str, cache_dir: Path) -> Path:
     out_dir = cache_dir / "packaged" / f"{name}-{model.files[0].sha256[:12]}"
     if model.convert == "gguf-lm":
         return atomic_build(out_dir, lambda tmp: _convert_gguf_lm(paths[0], tmp))
-    from trimodal.models.whisper_convert import convert_ct2_whisper
-
-    if not (out_dir / ".complete").exists():
-        convert_ct2_whisper(paths, out_dir)  # writes its directory atomically
-        (out_dir / ".complete").write_text("ok\n")
-    return out_dir
+    return atomic_build(out_dir, lambda tmp: write_whisper_dir(paths, tmp))
 
 
 def resolve_source(source: ModelSource, cache_dir: Path | None = None) -> Path:

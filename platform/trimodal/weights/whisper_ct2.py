@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from trimodal.files import publish_dir
 
 CT2_VERSION = 6
 # CTranslate2 DataType enum -> numpy dtype; bfloat16 (5) is read as raw uint16 and widened to float32.
@@ -248,23 +248,20 @@ def verify_loadable(state_dict: dict[str, np.ndarray], dims: dict[str, int]) -> 
     model.load_state_dict(tensors, strict=True)
 
 
-def convert_ct2_whisper(parts: list[Path], out_dir: Path) -> Path:
-    """Convert a CT2 Whisper model.bin (one file or parts) to `out_dir/{model.safetensors,dims.json}` atomically."""
+def write_whisper_dir(parts: Sequence[Path], directory: Path) -> None:
+    """Convert a CT2 Whisper model.bin (one file or parts) into `directory/{model.safetensors,dims.json}`."""
     from safetensors.numpy import save_file
 
     state_dict, dims = ct2_to_whisper(read_ct2(parts))
     verify_loadable(state_dict, dims)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_file({k: np.ascontiguousarray(a) for k, a in state_dict.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "openai-whisper", "source": "ctranslate2"})
-        (tmp / "dims.json").write_text(json.dumps(dims, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    save_file({k: np.ascontiguousarray(a) for k, a in state_dict.items()}, str(Path(directory) / "model.safetensors"),
+              metadata={"format": "openai-whisper", "source": "ctranslate2"})
+    (Path(directory) / "dims.json").write_text(json.dumps(dims, indent=2) + "\n")
+
+
+def convert_ct2_whisper(parts: Sequence[Path], out_dir: Path) -> Path:
+    """Convert a CT2 Whisper model.bin (one file or parts) to `out_dir/{model.safetensors,dims.json}` atomically."""
+    with publish_dir(Path(out_dir)) as scratch:
+        write_whisper_dir(parts, scratch)
+    return Path(out_dir)
 

@@ -3,8 +3,8 @@ from pathlib import Path
 import pytest
 
 from trimodal.config import ModelSource
-from trimodal.sources import (PACKAGED, PackagedFile, SourceError, atomic_build, locate_packaged_file,
-                              resolve_source, sha256_file)
+from trimodal.weights.sources import (PACKAGED, PackagedFile, SourceError, atomic_build, locate_packaged_file,
+                                      resolve_source, sha256_file)
 
 
 def test_packaged_file_with_wrong_hash_is_refused():
@@ -59,3 +59,11 @@ def test_conversion_is_atomic_and_cached(tmp_path: Path):
     atomic_build(tmp_path / "m", ok)
     assert len(calls) == 1  # cached: built once
     assert sha256_file(out / "weights") == "50e721e49c013f00c62cf59f2163542a9d8df02464efeb615d31051b0fddc326"
+
+
+def test_a_directory_without_the_complete_marker_is_rebuilt(tmp_path: Path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "half").write_text("from an interrupted older writer")
+    out = atomic_build(tmp_path / "m", lambda tmp: (tmp / "weights").write_text("w"))
+    assert sorted(p.name for p in out.iterdir()) == [".complete", "weights"]
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no scratch folder left beside it
