@@ -1,4 +1,4 @@
-"""Readers for the two annotation formats the pipeline consumes (DESIGN.md section 5), with validation.
+"""Readers for the two annotation formats the pipeline consumes (COCO captions, LLaVA-Instruct), with validation.
 
 - COCO 2017 captions: `annotations/captions_{train,val}2017.json`, images in `train2017/`.
 - LLaVA-Instruct-150K: a JSON list of {"id", "image", "conversations": [{"from": "human"|"gpt", "value"}]}.
@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from trimodal.models.chat import IMAGE_MARKER, Turn
+
 log = logging.getLogger(__name__)
 
-IMAGE_MARKER = "<image>"
 ROLES: dict[str, str] = {"human": "user", "gpt": "assistant"}
 _MARKER_RE = re.compile(r"\s*" + re.escape(IMAGE_MARKER) + r"\s*")
 
@@ -52,16 +53,9 @@ class Caption:
 
 
 @dataclass(frozen=True)
-class Turn:
-    """One message: role is "user" or "assistant"; image markers are removed from text."""
-
-    role: str
-    text: str
-
-
-@dataclass(frozen=True)
 class Conversation:
-    """One LLaVA-Instruct entry; `image` is None for a text-only conversation."""
+    """One LLaVA-Instruct entry; `image` is None for a text-only conversation. Its turns are "user" and
+    "assistant" messages with the image markers removed from their text."""
 
     id: str
     image: str | None

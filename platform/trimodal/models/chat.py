@@ -15,7 +15,7 @@ IMAGE_TOKEN_ID = -200  # never a real token id: replaced by image features befor
 IGNORE_INDEX = -100
 
 
-@dataclass
+@dataclass(frozen=True)
 class Turn:
     """One message of a conversation."""
 
