@@ -111,13 +111,13 @@ def load_text_generator(cfg: TrimodalConfig, run: RunInfo, device: str | torch.d
 
 def load_speech(cfg: SpeechConfig, device: str | torch.device = "cpu"):
     """The Whisper transcriber for the config (packaged/path Whisper, or a tiny random one)."""
-    from trimodal.models.speech import Speech, build_random_whisper, load_whisper_from_dir
+    from trimodal.models.speech import Transcriber, build_random_whisper, load_whisper_from_dir
 
     if cfg.source.kind == "random":
         model = build_random_whisper(seed=0)
     else:
         model = load_whisper_from_dir(resolve_source(cfg.source), device=device)
-    return Speech(model.to(device), language=cfg.language)
+    return Transcriber(model.to(device), language=cfg.language)
 
 
 def load_engine(cfg: TrimodalConfig, run_dir: str | Path | None = None, device: str = "cpu", vision: bool = True,

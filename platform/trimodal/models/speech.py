@@ -1,6 +1,6 @@
 """Speech recognition: transcribe 16 kHz mono float32 clips (see `trimodal.audio.decode_audio`) with openai-whisper.
 
-`Speech` transcribes deterministically (greedy, temperature 0, no fallback) and returns "" for silence instead of
+`Transcriber` decodes deterministically (greedy, temperature 0, no fallback) and returns "" for silence instead of
 Whisper's hallucinations. Clips over 30 s are cut at their quietest moments into <= 30 s pieces that are decoded as
 one batch (openai-whisper's own sliding window dropped repeated sentences in our tests). Weights come from
 `trimodal.weights.whisper_ct2` (safetensors + dims.json); nothing is unpickled.
@@ -82,7 +82,7 @@ def split_on_pauses(clip: np.ndarray, max_samples: int = N_SAMPLES,
     return pieces
 
 
-class Speech:
+class Transcriber:
     """Deterministic Whisper transcription of 16 kHz mono float32 clips of any length."""
 
     def __init__(self, model: Whisper, language: str | None = "en", max_new_tokens: int | None = None,

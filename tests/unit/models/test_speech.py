@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from trimodal.audio import AudioError, decode_audio
-from trimodal.models.speech import Speech, build_random_whisper, load_whisper_from_dir, split_on_pauses
+from trimodal.models.speech import Transcriber, build_random_whisper, load_whisper_from_dir, split_on_pauses
 from trimodal.weights.whisper_ct2 import convert_ct2_whisper
 
 DATA = Path(__file__).resolve().parents[2] / "data"
@@ -59,8 +59,8 @@ def packaged_parts(name: str) -> list[Path]:
 # ----------------------------------------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="module")
-def random_speech() -> Speech:
-    return Speech(build_random_whisper(seed=0), language="en", max_new_tokens=8)
+def random_speech() -> Transcriber:
+    return Transcriber(build_random_whisper(seed=0), language="en", max_new_tokens=8)
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +76,8 @@ def whisper_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def base_speech(whisper_dir) -> Speech:
-    return Speech(load_whisper_from_dir(whisper_dir("base")), language="en")
+def base_speech(whisper_dir) -> Transcriber:
+    return Transcriber(load_whisper_from_dir(whisper_dir("base")), language="en")
 
 
 # ----------------------------------------------------------------------------------------------- splitting
@@ -128,8 +128,8 @@ def test_speech_rejects_bad_input(random_speech):
         random_speech.transcribe(np.zeros(SR, np.int16))
     assert random_speech.transcribe_batch([]) == []
     with pytest.raises(ValueError, match="language"):
-        Speech(build_random_whisper(), language="klingon")
-    assert Speech(build_random_whisper(), language="English").language == "en"
+        Transcriber(build_random_whisper(), language="klingon")
+    assert Transcriber(build_random_whisper(), language="English").language == "en"
 
 
 def test_no_speech_windows_are_dropped(random_speech, monkeypatch):
@@ -160,7 +160,7 @@ def test_whisper_base_transcribes_the_fox(base_speech, fmt):
 
 @pytest.mark.slow
 def test_whisper_tiny_en_transcribes_the_fox(whisper_dir):
-    tiny = Speech(load_whisper_from_dir(whisper_dir("tiny.en")), language="en")
+    tiny = Transcriber(load_whisper_from_dir(whisper_dir("tiny.en")), language="en")
     text = tiny.transcribe(decode_audio(DATA / "fox.wav"))
     assert word_errors(FOX, text) <= 1, text
 
