@@ -43,7 +43,12 @@ def build_random_clip(shape: TinyCLIPShape, image_size: int, vocab_size: int = 5
 def preprocess_images(images: list[Image.Image], size: int) -> torch.Tensor:
     """CLIP preprocessing: RGB, shortest side to `size` (bicubic), centre crop, normalise. -> [B, 3, size, size]."""
     arrays = [resize_crop(img.convert("RGB"), size) for img in images]
-    batch = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
+    return normalise_pixels(torch.from_numpy(np.stack(arrays)))
+
+
+def normalise_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S] (scaled to [0, 1], then CLIP's mean and std)."""
+    batch = pixels.permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
     mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
     return (batch - mean) / std
@@ -53,6 +58,12 @@ MAX_RESIZE_FACTOR = 4
 """Past this many times size x size pixels, the full resize is skipped and only the crop box is resampled."""
 
 
+def shortest_side_to(width: int, height: int, size: int) -> tuple[int, int]:
+    """(width, height) scaled so the shortest side is `size`, rounded, neither side below `size`."""
+    scale = size / min(width, height)
+    return max(size, round(width * scale)), max(size, round(height * scale))
+
+
 def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     """RGB image -> uint8 [size, size, 3]: shortest side to `size` (bicubic), centre crop.
 
@@ -60,8 +71,7 @@ def resize_crop(img: Image.Image, size: int) -> np.ndarray:
     resized image: past MAX_RESIZE_FACTOR x size^2 pixels only the source region under the crop is resampled.
     """
     w, h = img.size
-    scale = size / min(w, h)
-    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    new_w, new_h = shortest_side_to(w, h, size)
     left, top = (new_w - size) // 2, (new_h - size) // 2
     if new_w * new_h > MAX_RESIZE_FACTOR * size * size:
         sx, sy = w / new_w, h / new_h

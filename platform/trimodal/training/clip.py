@@ -24,7 +24,7 @@ from transformers import CLIPModel, PreTrainedTokenizerFast
 from trimodal.config import TrimodalConfig, config_from_dict
 from trimodal.data.formats import read_coco_captions
 from trimodal.files import publish_dir
-from trimodal.models.vision import CLIP_MEAN, CLIP_STD, build_random_clip, preprocess_images, resize_crop
+from trimodal.models.vision import build_random_clip, normalise_pixels, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
 from trimodal.training.metrics import MetricsLog
 from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, optimizer_step,
@@ -84,9 +84,8 @@ class DecodeImages:
 
 
 def normalise(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S]."""
-    x = pixels.permute(0, 3, 1, 2).float() / 255.0  # [B, S, S, 3] -> [B, 3, S, S]
-    return (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    """uint8 [B, S, S, 3] -> CLIP-normalised float [B, 3, S, S], exactly as the vision tower's preprocessing."""
+    return normalise_pixels(pixels)
 
 
 class ClipCollator:
