@@ -79,4 +79,3 @@ def run_preprocess(plan: Plan, vision: VisionConfig, out_dir: str | Path, option
         f"{dropped_conversations} conversations dropped); {manifest['throughput']['images_per_s']:.1f} images/s, "
         f"{manifest['throughput']['wall_seconds']:.1f} s")
     return manifest
-

@@ -91,7 +91,6 @@ class ClipEncoder:
         return {**{k: batch[k] for k in keep}, "embedding": embedding}
 
 
-
 @dataclass(frozen=True)
 class PipelineOptions:
     """How the image pass runs."""
@@ -176,10 +175,8 @@ def embedding_pipeline(images: Sequence[ImageRecord], vision: VisionConfig, dire
         num_cpus=options.cpus_per_encoder, num_gpus=options.gpus_per_encoder, udf_modifying_row_count=False)
 
 
-
 def tower_info(vision: VisionConfig, directory: str | None) -> Any:
     """Load the tower once on the driver: fails fast on a bad directory and gives the manifest its shape."""
     from trimodal.models.vision import load_vision_tower
 
     return load_vision_tower(vision, directory=directory).info
-

@@ -256,4 +256,3 @@ def drop_rows_of(table: pa.Table, image_ids: set[int]) -> tuple[pa.Table, int]:
     gone = pc.fill_null(pc.is_in(table["image_id"], value_set=pa.array(sorted(image_ids), pa.int64())), False)
     kept = table.filter(pc.invert(gone))
     return kept, table.num_rows - kept.num_rows
-

@@ -57,7 +57,6 @@ def publish(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-
 def split_counts(image_splits: Counter, captions: pa.Table, conversations: pa.Table) -> dict[str, dict[str, int]]:
     """Rows per split and table."""
     out: dict[str, dict[str, int]] = {}
