@@ -57,18 +57,18 @@ def variant(cfg: TrimodalConfig, eager: bool, dropout: float) -> TrimodalConfig:
 def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int, steps: int) -> tuple[float, int]:
     """Median seconds per optimizer step (after one warm-up step) and tokens per batch."""
     if stage == 1:
-        sm = stage1_model(cfg, vision_dim)
+        stage_model = stage1_model(cfg, vision_dim)
     else:
-        sm = stage2_model(cfg, vision_dim, RunInfo(None, None, False), quantize=cfg.quant.load_in_4bit)
-    params = [p for p in sm.model.parameters() if p.requires_grad]
+        stage_model = stage2_model(cfg, vision_dim, RunInfo(None, None, False), quantize=cfg.quant.load_in_4bit)
+    params = [p for p in stage_model.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    vocab = sm.model.lm.get_input_embeddings().num_embeddings
+    vocab = stage_model.model.lm.get_input_embeddings().num_embeddings
     times = []
     for i in range(steps + 1):
         batch = make_batch(stage, vision_dim, vocab, seed=i)
         start = time.perf_counter()
-        train_step(sm.model, batch, optimizer, scheduler, autocast, "cpu")
+        train_step(stage_model.model, batch, optimizer, scheduler, autocast, "cpu")
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:]), int(batch.attention_mask.sum())
 
