@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trimodal.evaluation.batching import _text
+from trimodal.evaluation.batching import answer_text
 from trimodal.evaluation.run_eval import answer_all, caption_jobs, load_for_eval, question_jobs, read_split
 from trimodal.inference.engine import Prompt
 from trimodal.inference.generation import left_pad
+from trimodal.models.multimodal import project_image_features
 
 WAYS = ("old b=1", "old b=16", "new")
 
@@ -65,9 +66,9 @@ def old_answers(gen, projector, embeddings, jobs, num_patches: int, batch: int) 
         prompts = []
         for turns, image, _, _ in chunk:
             feats = torch.from_numpy(np.asarray(embeddings[image], dtype=np.float32)).unsqueeze(0)  # [1, N, D]
-            prompts.append(gen.embed(Prompt(gen.encode(turns, num_patches), projector(feats))))
+            prompts.append(gen.embed(Prompt(gen.encode(turns, num_patches), project_image_features(projector, feats))))
         tokens = old_decode(gen.lm, prompts, chunk[0][3], gen.eos_ids)
-        answers += [_text(gen.tokenizer, t).strip() for t in tokens]
+        answers += [answer_text(gen.tokenizer, t).strip() for t in tokens]
     return answers
 
 

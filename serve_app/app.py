@@ -78,45 +78,48 @@ def servable_ingress(cls: type = Ingress) -> type:
     return serve.ingress()(type(name, (cls,), attrs))
 
 
-def _actor_options(s: AppSettings, name: str, cpus: float) -> dict:
+def _actor_options(settings: AppSettings, name: str, cpus: float) -> dict:
     options: dict[str, Any] = {"num_cpus": cpus}
-    if s.device.startswith("cuda"):
+    if settings.device.startswith("cuda"):
         options["num_gpus"] = GPU_SHARE[name]
     return options
 
 
-def model_deployment(s: AppSettings, cls: type, name: str, cpus: float, **extra: Any):
+def model_deployment(settings: AppSettings, cls: type, name: str, cpus: float, **extra: Any):
     """A model class as a Serve deployment: batching, request limits and resources from the settings."""
-    serving = s.cfg.serving
+    serving = settings.cfg.serving
     batched = with_batching(cls, serving.max_batch_size, BATCH_WAIT_S[name])
-    return serve.deployment(batched, name=name, ray_actor_options=_actor_options(s, name, cpus),
+    return serve.deployment(batched, name=name, ray_actor_options=_actor_options(settings, name, cpus),
                             max_ongoing_requests=serving.max_ongoing_requests,
                             max_queued_requests=serving.max_queued_requests, **extra)
 
 
-def bind_lm(s: AppSettings):
+def bind_lm(settings: AppSettings):
     """The LanguageModel deployment, bound (tests bind one with test_token_delay_s behind a second ingress)."""
-    lm = model_deployment(s, LanguageModel, "LanguageModel", s.lm_cpus, num_replicas=s.cfg.serving.lm_replicas)
-    return lm.bind(s.cfg, s.run_dir, s.device, s.threads, s.test_token_delay_s)
+    lm = model_deployment(settings, LanguageModel, "LanguageModel", settings.lm_cpus,
+                          num_replicas=settings.cfg.serving.lm_replicas)
+    return lm.bind(settings.cfg, settings.run_dir, settings.device, settings.threads, settings.test_token_delay_s)
 
 
-def build_graph(s: AppSettings):
+def build_graph(settings: AppSettings):
     """Bind Speech, Vision and LanguageModel into the Ingress, each with its Serve options."""
-    speech = model_deployment(s, Speech, "Speech", s.media_cpus)
-    vision = model_deployment(s, Vision, "Vision", s.media_cpus)
-    return bind_ingress(s, speech.bind(s.cfg, s.device, s.media_threads),
-                        vision.bind(s.cfg, s.run_dir, lm_hidden_size(s.cfg), s.device, s.media_threads), bind_lm(s))
+    cfg, device, threads = settings.cfg, settings.device, settings.media_threads
+    speech = model_deployment(settings, Speech, "Speech", settings.media_cpus)
+    vision = model_deployment(settings, Vision, "Vision", settings.media_cpus)
+    return bind_ingress(settings, speech.bind(cfg, device, threads),
+                        vision.bind(cfg, settings.run_dir, lm_hidden_size(cfg), device, threads), bind_lm(settings))
 
 
-def bind_ingress(s: AppSettings, speech, vision, lm):
+def bind_ingress(settings: AppSettings, speech, vision, lm):
     """The Ingress deployment bound to Speech, Vision and LanguageModel: bound deployments of this graph, or
     handles to those of another running application (a second front door sharing the model replicas)."""
-    serving = s.cfg.serving
-    ingress = serve.deployment(servable_ingress(), name="Ingress", ray_actor_options={"num_cpus": s.ingress_cpus},
+    serving = settings.cfg.serving
+    ingress = serve.deployment(servable_ingress(), name="Ingress",
+                               ray_actor_options={"num_cpus": settings.ingress_cpus},
                                max_ongoing_requests=serving.max_ongoing_requests,
                                max_queued_requests=serving.max_queued_requests,
                                backpressure_config={"retry_after_s": RETRY_AFTER_S})
-    return ingress.bind(speech, vision, lm, ingress_settings(s), OVERLOAD_ERRORS, UNAVAILABLE_ERRORS)
+    return ingress.bind(speech, vision, lm, ingress_settings(settings), OVERLOAD_ERRORS, UNAVAILABLE_ERRORS)
 
 
 def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None):

@@ -59,11 +59,11 @@ class Speech:
     BATCHED = {"transcribe": "transcribe_batch"}
 
     def __init__(self, cfg: TrimodalConfig, device: str = "cpu", threads: int | None = None):
-        from trimodal.runs import load_speech
+        from trimodal.runs import load_transcriber
 
         set_threads(threads)
         self.source = cfg.model.speech.source
-        self.model = load_speech(cfg.model.speech, device)
+        self.transcriber = load_transcriber(cfg.model.speech, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
 
     async def transcribe(self, audio: np.ndarray) -> str:
@@ -73,7 +73,7 @@ class Speech:
     async def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """Transcripts of several clips, decoded together."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.model.transcribe_batch, audios)
+        return await loop.run_in_executor(self._executor, self.transcriber.transcribe_batch, audios)
 
     def describe(self) -> dict:
         return {"speech": source_label(self.source)}
@@ -89,7 +89,7 @@ class Vision:
         from trimodal.runs import load_image_encoder, read_run
 
         set_threads(threads)
-        self.encoder = load_image_encoder(cfg, read_run(run_dir), lm_hidden, device)
+        self.image_encoder = load_image_encoder(cfg, read_run(run_dir), lm_hidden, device)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
 
     async def encode(self, image: Image.Image) -> np.ndarray:
@@ -103,12 +103,12 @@ class Vision:
         return list(embeds)
 
     def _encode(self, images: list[Image.Image]) -> np.ndarray:
-        return self.encoder(images).float().cpu().numpy()  # [n, N, H]
+        return self.image_encoder(images).float().cpu().numpy()  # [n, N, H]
 
     def describe(self) -> dict:
-        info = self.encoder.tower.info
+        info = self.image_encoder.tower.info
         return {"vision_tower": public_name(info.model_id), "vision_tower_untrained": info.untrained,
-                "projector_trained": self.encoder.trained, "num_patches": info.num_patches,
+                "projector_trained": self.image_encoder.trained, "num_patches": info.num_patches,
                 "image_size": info.image_size}
 
 

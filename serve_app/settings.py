@@ -210,16 +210,16 @@ def lm_hidden_size(cfg: TrimodalConfig) -> int:
     return AutoConfig.from_pretrained(resolve_source(source)).hidden_size
 
 
-def ingress_settings(s: AppSettings) -> IngressSettings:
+def ingress_settings(settings: AppSettings) -> IngressSettings:
     """The ingress's view of the settings."""
-    cfg, serving = s.cfg, s.cfg.serving
+    cfg, serving = settings.cfg, settings.cfg.serving
     prompt_tokens = prompt_token_limit(cfg)
     return IngressSettings(
-        model_id=f"trimodal-{cfg.name}", preset=cfg.name, run_name=s.run_name, run_note=s.run_note,
+        model_id=f"trimodal-{cfg.name}", preset=cfg.name, run_name=settings.run_name, run_note=settings.run_note,
         max_prompt_tokens=prompt_tokens, max_prompt_chars=prompt_tokens * CHARS_PER_TOKEN,
-        media_sandbox=s.media_sandbox,
+        media_sandbox=settings.media_sandbox,
         limits=RequestLimits(serving.max_tokens_default, serving.max_tokens_limit),
         media=MediaLimits(serving.max_image_pixels, serving.max_images, cfg.model.speech.max_seconds),
         max_body_bytes=serving.max_body_bytes, request_timeout_s=serving.request_timeout_s,
-        api_key=s.api_key, allowed_media_domains=s.allowed_media_domains,
-        details={"api_key_required": bool(s.api_key), "max_batch_size": serving.max_batch_size})
+        api_key=settings.api_key, allowed_media_domains=settings.allowed_media_domains,
+        details={"api_key_required": bool(settings.api_key), "max_batch_size": serving.max_batch_size})

@@ -22,10 +22,10 @@ def _parser() -> argparse.ArgumentParser:
     ask.add_argument("--max-tokens", type=int, default=None)
     ask.add_argument("--temperature", type=float, default=0.0)
     ask.add_argument("--device", default="cpu")
-    tr = sub.add_parser("transcribe", help="print the transcript of an audio file")
-    tr.add_argument("file")
-    tr.add_argument("--preset", default="cpu")
-    tr.add_argument("--device", default="cpu")
+    transcribe = sub.add_parser("transcribe", help="print the transcript of an audio file")
+    transcribe.add_argument("file")
+    transcribe.add_argument("--preset", default="cpu")
+    transcribe.add_argument("--device", default="cpu")
     sub.add_parser("presets", help="list the shipped presets")
     return parser
 
@@ -74,11 +74,11 @@ def _ask(args) -> None:
 
 def _transcribe(args) -> None:
     from trimodal.audio import decode_audio
-    from trimodal.runs import load_speech
+    from trimodal.runs import load_transcriber
 
     cfg = load_config(args.preset)
     audio = decode_audio(_read(args.file, "audio"), max_seconds=None)
-    print(load_speech(cfg.model.speech, args.device).transcribe(audio))
+    print(load_transcriber(cfg.model.speech, args.device).transcribe(audio))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -109,7 +109,7 @@ def load_text_generator(cfg: TrimodalConfig, run: RunInfo, device: str | torch.d
     return TextGenerator(lm, tokenizer, end_id, max_length=limit)
 
 
-def load_speech(cfg: SpeechConfig, device: str | torch.device = "cpu"):
+def load_transcriber(cfg: SpeechConfig, device: str | torch.device = "cpu"):
     """The Whisper transcriber for the config (packaged/path Whisper, or a tiny random one)."""
     from trimodal.models.speech import Transcriber, build_random_whisper, load_whisper_from_dir
 
@@ -126,6 +126,6 @@ def load_engine(cfg: TrimodalConfig, run_dir: str | Path | None = None, device: 
     run = read_run(run_dir)
     generator = load_text_generator(cfg, run, device)
     encoder = load_image_encoder(cfg, run, generator.lm.config.hidden_size, device) if vision else None
-    transcriber = load_speech(cfg.model.speech, device) if speech else None
+    transcriber = load_transcriber(cfg.model.speech, device) if speech else None
     limits = MediaLimits(cfg.serving.max_image_pixels, cfg.serving.max_images, cfg.model.speech.max_seconds)
     return Engine(generator, encoder, transcriber, limits)

@@ -77,32 +77,33 @@ def stems(heads: Sequence[list[int]], images: Sequence[Hashable]) -> list[tuple[
 
 
 @torch.no_grad()
-def greedy_answers(gen: TextGenerator, prompts: Sequence[EvalPrompt], images: Callable[[Hashable], torch.Tensor],
-                   rows: int, progress: Callable[[int], None] | None = None) -> list[str]:
+def greedy_answers(generator: TextGenerator, prompts: Sequence[EvalPrompt],
+                   images: Callable[[Hashable], torch.Tensor], rows: int,
+                   progress: Callable[[int], None] | None = None) -> list[str]:
     """The greedy answer (stripped) to every prompt; `images(key)` gives an image's projected embeddings."""
     answers = [""] * len(prompts)
     done = 0
     for batch in batch_chains(prefix_chains(prompts), prompts, rows):
         longest = [prompts[c[-1]] for c in batch]
-        heads = [gen.embed(Prompt(p.input_ids, images(p.image))) for p in longest]  # [T, H] each
+        heads = [generator.embed(Prompt(p.input_ids, images(p.image))) for p in longest]  # [T, H] each
         members = [(i, k) for i, chain in enumerate(batch) for k in chain]
         shared = stems([p.input_ids[:-1] for p in longest], [p.image for p in longest])
-        state = prefill_shared(gen.lm, heads, [(i, len(prompts[k].input_ids)) for i, k in members], shared)
+        state = prefill_shared(generator.lm, heads, [(i, len(prompts[k].input_ids)) for i, k in members], shared)
         params = [SamplingParams(max_tokens=prompts[k].max_tokens) for _, k in members]
         tokens: list[list[int]] = [[] for _ in members]
-        for step in decode_from(gen.lm, state, params, gen.eos_ids):
+        for step in decode_from(generator.lm, state, params, generator.eos_ids):
             for row, token in step.tokens:
                 if token >= 0:
                     tokens[row].append(token)
         for (_, k), ids in zip(members, tokens):
-            answers[k] = _text(gen.tokenizer, ids).strip()
+            answers[k] = answer_text(generator.tokenizer, ids).strip()
         done += len(members)
         if progress is not None:
             progress(done)
     return answers
 
 
-def _text(tokenizer, ids: list[int]) -> str:
+def answer_text(tokenizer, ids: list[int]) -> str:
     """The text `TextGenerator.generate` makes of these tokens (no stop strings)."""
     tracker = TextTracker(tokenizer)
     for token in ids:

@@ -32,15 +32,16 @@ def load_for_eval(run_dir: Path, vision_dim: int, device: str = "cpu"):
     """(generator, projector, cfg) of a finished run; the projector takes the precomputed tower features."""
     run = read_run(run_dir)
     cfg = read_run_config(run)
-    gen = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS)
-    projector, _ = load_projector(run, vision_dim, gen.lm.config.hidden_size)
-    return gen, projector.to(device).eval(), cfg
+    generator = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS)
+    projector, _ = load_projector(run, vision_dim, generator.lm.config.hidden_size)
+    return generator, projector.to(device).eval(), cfg
 
 
-def answer_all(gen: TextGenerator, projector, embeddings: dict[int, np.ndarray],
+def answer_all(generator: TextGenerator, projector, embeddings: dict[int, np.ndarray],
                jobs: list[tuple[list[Turn], int, object, int]], num_patches: int, batch_size: int) -> list[str]:
     """Greedy answers for (turns, image id, conversation, max_tokens) jobs, about `batch_size` decoded together."""
-    prompts = [EvalPrompt(gen.encode(turns, num_patches), image, group, most) for turns, image, group, most in jobs]
+    prompts = [EvalPrompt(generator.encode(turns, num_patches), image, group, max_tokens)
+               for turns, image, group, max_tokens in jobs]
     projected: dict[int, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -53,7 +54,7 @@ def answer_all(gen: TextGenerator, projector, embeddings: dict[int, np.ndarray],
     def progress(done: int) -> None:
         print(f"[evaluate] {done}/{len(jobs)} answers", flush=True)
 
-    return greedy_answers(gen, prompts, image_embeds, batch_size, progress)
+    return greedy_answers(generator, prompts, image_embeds, batch_size, progress)
 
 
 def caption_jobs(embeddings: dict[int, np.ndarray], references: dict[int, list[str]], prompt: str) -> list[tuple]:

@@ -2,7 +2,8 @@
 
 Content is a string or a list of parts: {"type": "text"}, {"type": "image_url", "image_url": {"url": ...}},
 {"type": "input_audio", "input_audio": {"data": <base64>, "format": "wav"}}. In a user message the images
-come first, then the audio transcripts, then the typed text (the seed's order).
+come first, then the audio transcripts, then the typed text (the order the capstone recipe this platform grew
+from built its prompts in; see README.md, "What it is").
 """
 
 from __future__ import annotations

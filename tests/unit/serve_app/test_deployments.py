@@ -159,7 +159,7 @@ def test_images_become_lm_space_embeddings_matching_the_engine(vision, test_cfg)
     embed = asyncio.run(vision.encode(img))
     assert embed.dtype == np.float32
     assert embed.shape == (vision.describe()["num_patches"], test_cfg.model.language_model.random_shape.hidden_size)
-    direct = vision.encoder([img])[0].numpy()
+    direct = vision.image_encoder([img])[0].numpy()
     np.testing.assert_allclose(embed, direct, atol=1e-6)
     info = vision.describe()
     assert info["projector_trained"] is False and info["vision_tower_untrained"] is True
@@ -170,7 +170,7 @@ def test_shrinking_a_large_image_keeps_its_embeddings(vision):
     big = Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8))
     small = shrink_image(big, vision.describe()["image_size"])
     assert min(small.size) == 64 and shrink_image(small, 64) is small
-    torch.testing.assert_close(vision.encoder([small]), vision.encoder([big]))
+    torch.testing.assert_close(vision.image_encoder([small]), vision.image_encoder([big]))
 
 
 def test_speech_transcribes_a_batch_and_silence_is_empty(test_cfg):
