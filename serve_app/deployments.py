@@ -113,7 +113,7 @@ class Vision:
 
 
 @dataclass
-class Job:
+class BatchRow:
     """One row of a decoding batch; `cancelled` is set when its caller goes away."""
 
     prompt: Prompt
@@ -123,14 +123,14 @@ class Job:
 
 
 class CancelSet(set):
-    """The `cancelled` set TextGenerator.stream reads: explicit rows plus rows whose Job was cancelled."""
+    """The `cancelled` set TextGenerator.stream reads: explicit rows plus rows that were cancelled."""
 
-    def __init__(self, jobs: list[Job]):
+    def __init__(self, rows: list[BatchRow]):
         super().__init__()
-        self.jobs = jobs
+        self.rows = rows
 
     def __contains__(self, row: object) -> bool:
-        return set.__contains__(self, row) or (isinstance(row, int) and self.jobs[row].cancelled)
+        return set.__contains__(self, row) or (isinstance(row, int) and self.rows[row].cancelled)
 
 
 _END = object()
@@ -208,37 +208,37 @@ class LanguageModel:
             yield {"error": str(exc)}
             return
         yield {"prompt_tokens": len(prompt.input_ids)}
-        job = Job(prompt, request.params)
+        row = BatchRow(prompt, request.params)
         self.counters["requests"] += 1
         self.counters["active"] += 1
         try:
-            async for deltas in self.decode(job):  # runs to its end, so serve.batch leaves no future behind
-                if deltas and not job.finished:
+            async for deltas in self.decode(row):  # runs to its end, so serve.batch leaves no future behind
+                if deltas and not row.finished:
                     out = merge_deltas(deltas)
-                    job.finished = out["finish_reason"] is not None
+                    row.finished = out["finish_reason"] is not None
                     yield out
         finally:
             self.counters["active"] -= 1
-            if not job.finished:
-                job.cancelled = True
+            if not row.finished:
+                row.cancelled = True
                 self.counters["cancelled"] += 1
 
-    async def decode(self, job: Job) -> AsyncIterator[list[Delta]]:
-        """The deltas of one job, step by step (plain: a batch of one; served: through serve.batch)."""
-        async for results in self.decode_batch([job]):
+    async def decode(self, row: BatchRow) -> AsyncIterator[list[Delta]]:
+        """The deltas of one row, step by step (plain: a batch of one; served: through serve.batch)."""
+        async for results in self.decode_batch([row]):
             if results[0] is StopIteration:
                 return
             yield results[0]
 
-    async def decode_batch(self, jobs: list[Job]) -> AsyncIterator[list]:
-        """Decode jobs together; yield, per step, one entry per job: its new deltas or StopIteration once done."""
+    async def decode_batch(self, rows: list[BatchRow]) -> AsyncIterator[list]:
+        """Decode rows together; yield, per step, one entry per row: its new deltas or StopIteration once done."""
         self.counters["batches"] += 1
-        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(jobs))
+        self.counters["largest_batch"] = max(self.counters["largest_batch"], len(rows))
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancelled = CancelSet(jobs)
-        worker = loop.run_in_executor(self._executor, self._decode_thread, jobs, cancelled, loop, queue)
-        done = [False] * len(jobs)
+        cancelled = CancelSet(rows)
+        worker = loop.run_in_executor(self._executor, self._decode_thread, rows, cancelled, loop, queue)
+        done = [False] * len(rows)
         ended = False
         try:
             while not ended:
@@ -246,30 +246,30 @@ class LanguageModel:
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 ended = _END in items
-                per_row: list[list[Delta]] = [[] for _ in jobs]
+                per_row: list[list[Delta]] = [[] for _ in rows]
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
                     if isinstance(item, Delta):
                         per_row[item.row].append(item)
-                yield [StopIteration if done[i] or jobs[i].cancelled else per_row[i] for i in range(len(jobs))]
+                yield [StopIteration if done[i] or rows[i].cancelled else per_row[i] for i in range(len(rows))]
                 for i, deltas in enumerate(per_row):
-                    done[i] = done[i] or jobs[i].cancelled or any(d.finish_reason for d in deltas)
+                    done[i] = done[i] or rows[i].cancelled or any(d.finish_reason for d in deltas)
         finally:
             if not ended:  # our consumer went away: stop every row, then let the thread finish
-                for job in jobs:
-                    job.cancelled = True
+                for row in rows:
+                    row.cancelled = True
             await asyncio.shield(worker)
 
-    def _decode_thread(self, jobs: list[Job], cancelled: CancelSet, loop: asyncio.AbstractEventLoop,
+    def _decode_thread(self, rows: list[BatchRow], cancelled: CancelSet, loop: asyncio.AbstractEventLoop,
                        queue: asyncio.Queue) -> None:
         """Run TextGenerator.stream and hand every delta (or the error) to the event loop."""
         try:
-            prompts, params = [j.prompt for j in jobs], [j.params for j in jobs]
+            prompts, params = [r.prompt for r in rows], [r.params for r in rows]
             for delta in self.generator.stream(prompts, params, cancelled):
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
         except BaseException as exc:  # surfaced to every caller of the batch
-            log.exception("decoding a batch of %d failed", len(jobs))
+            log.exception("decoding a batch of %d failed", len(rows))
             loop.call_soon_threadsafe(queue.put_nowait, exc)
         finally:
             loop.call_soon_threadsafe(queue.put_nowait, _END)

@@ -14,7 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives at the repo root
 
-from serve_app.deployments import Job, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
+from serve_app.deployments import BatchRow, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
 from serve_app.ingress import shrink_image  # noqa: E402
 from trimodal.inference.engine import Delta  # noqa: E402
 from trimodal.inference.requests import GenerationRequest, SamplingParams  # noqa: E402
@@ -44,9 +44,9 @@ def _answer(items: list[dict]) -> tuple[str, str]:
     return "".join(i.get("text", "") for i in items[1:]), items[-1]["finish_reason"]
 
 
-async def _decode_all(lm: LanguageModel, jobs: list[Job]) -> tuple[list[str], list[str]]:
-    texts, reasons = [""] * len(jobs), [""] * len(jobs)
-    async for step in lm.decode_batch(jobs):
+async def _decode_all(lm: LanguageModel, rows: list[BatchRow]) -> tuple[list[str], list[str]]:
+    texts, reasons = [""] * len(rows), [""] * len(rows)
+    async for step in lm.decode_batch(rows):
         for row, deltas in enumerate(step):
             if deltas is StopIteration:
                 continue
@@ -59,8 +59,8 @@ async def _decode_all(lm: LanguageModel, jobs: list[Job]) -> tuple[list[str], li
 def test_batched_decoding_equals_one_request_at_a_time(lm):
     requests = [_request("hello"), _request("What color is the square?", 20), _request("a", 7)]
     alone = [_answer(asyncio.run(_collect(lm.generate(r)))) for r in requests]
-    jobs = [Job(lm.prepare(r), r.params) for r in requests]
-    texts, reasons = asyncio.run(_decode_all(lm, jobs))
+    rows = [BatchRow(lm.prepare(r), r.params) for r in requests]
+    texts, reasons = asyncio.run(_decode_all(lm, rows))
     assert list(zip(texts, reasons)) == alone
     assert all(reason in ("stop", "length") for reason in reasons)
 
@@ -117,15 +117,15 @@ def test_a_caller_that_leaves_cancels_its_row_and_the_others_finish(lm):
     """Step k+1 is released only once row 1's delta of step k arrived; row 0 leaves after exactly 3 deltas."""
     gate = threading.Semaphore(1)
     gated = _scripted(lm, gate)
-    jobs = [Job(gated.prepare(_request("a")), SamplingParams()) for _ in range(2)]
+    rows = [BatchRow(gated.prepare(_request("a")), SamplingParams()) for _ in range(2)]
 
     async def leave_after_three() -> tuple[list, list]:
         first, second = [], []
-        async for step in gated.decode_batch(jobs):
+        async for step in gated.decode_batch(rows):
             first.extend(step[0] if step[0] is not StopIteration else [])
             second.extend(step[1] if step[1] is not StopIteration else [])
             if len(first) == 3:
-                jobs[0].cancelled = True  # what LanguageModel.generate does when its caller goes away
+                rows[0].cancelled = True  # what LanguageModel.generate does when its caller goes away
             if step[1] is not StopIteration and step[1]:
                 gate.release()  # row 1's delta of this step arrived: allow the next step
         return first, second
