@@ -34,6 +34,7 @@ def publish_dir(target: Path) -> Iterator[Path]:
     scratch = Path(tempfile.mkdtemp(prefix=scratch_name(target), dir=target.parent))
     try:
         yield scratch
+        scratch.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the folder gets a plain mkdir's mode
         if target.exists():
             shutil.rmtree(target)
         scratch.rename(target)
@@ -53,6 +54,13 @@ def publish_file(target: Path) -> Iterator[Path]:
         os.replace(scratch, target)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_bytes_atomic(target: Path, data: bytes) -> bool:

@@ -16,6 +16,9 @@ def test_publish_dir_replaces_the_old_folder_only_when_the_block_finishes(tmp_pa
         assert (target / "old.txt").read_text() == "old"  # readers still see the old one
     assert sorted(p.name for p in target.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # not mkdtemp's private 0700
 
 
 def test_publish_dir_leaves_the_target_alone_and_no_scratch_when_the_block_fails(tmp_path):
