@@ -56,7 +56,7 @@ class CT2Model:
     """Alias name -> target variable name (e.g. the tied output projection)."""
 
 
-class _Reader:
+class _CT2Cursor:
     """A cursor over the bytes of a CT2 file."""
 
     def __init__(self, data: bytes | memoryview) -> None:
@@ -71,26 +71,26 @@ class _Reader:
         self.pos += n
         return out
 
-    def u(self, fmt: str) -> int:
+    def uint(self, fmt: str) -> int:
         """One little-endian integer of struct format `fmt` (B, H, I)."""
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
 
     def string(self) -> str:
         """A u16-length string whose length counts a trailing NUL."""
-        raw = bytes(self.take(self.u("H")))
+        raw = bytes(self.take(self.uint("H")))
         if not raw.endswith(b"\0"):
             raise CT2FormatError(f"malformed string at offset {self.pos}")
         return raw[:-1].decode("utf-8")
 
 
-def _read_variable(r: _Reader) -> tuple[str, np.ndarray]:
+def _read_variable(r: _CT2Cursor) -> tuple[str, np.ndarray]:
     """One (name, array) record."""
     name = r.string()
-    shape = tuple(r.u("I") for _ in range(r.u("B")))
-    code = r.u("B")
+    shape = tuple(r.uint("I") for _ in range(r.uint("B")))
+    code = r.uint("B")
     if code not in CT2_DTYPES:
         raise CT2FormatError(f"{name}: unknown CT2 dtype code {code}")
-    nbytes = r.u("I")
+    nbytes = r.uint("I")
     dtype = CT2_DTYPES[code]
     if nbytes != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
         raise CT2FormatError(f"{name}: {nbytes} bytes do not fit shape {shape} of dtype {dtype}")
@@ -102,14 +102,14 @@ def _read_variable(r: _Reader) -> tuple[str, np.ndarray]:
 
 def parse_ct2(data: bytes | memoryview) -> CT2Model:
     """Parse the bytes of a CT2 model.bin (arrays are read-only views into `data`)."""
-    r = _Reader(data)
-    version = r.u("I")
+    r = _CT2Cursor(data)
+    version = r.uint("I")
     if version != CT2_VERSION:
         raise CT2FormatError(f"CT2 binary version {version} is not supported (expected {CT2_VERSION})")
-    spec, revision = r.string(), r.u("I")
-    variables = dict(_read_variable(r) for _ in range(r.u("I")))
+    spec, revision = r.string(), r.uint("I")
+    variables = dict(_read_variable(r) for _ in range(r.uint("I")))
     aliases = {}
-    for _ in range(r.u("I")):
+    for _ in range(r.uint("I")):
         alias, target = r.string(), r.string()
         aliases[alias] = target
     if r.pos != len(r.data):
