@@ -9,7 +9,7 @@ The join is a broadcast hash join: the text rows of one split (small: COCO has ~
 against them in a parallel task; embeddings are never shuffled. Output row order is not defined.
 
 Text-only conversations (no image) are not in `open_stage2`: Ray Data cannot turn a tensor column holding
-nulls into numpy batches. `open_text_only` returns them (no embedding column) for a caller that wants them.
+nulls into numpy batches; `read_rows` returns them with the other conversation rows.
 """
 
 from __future__ import annotations
@@ -110,14 +110,3 @@ def open_stage2(data_dir: str | Path, split: str = "train") -> "ray.data.Dataset
     _check_split(manifest, data_dir, split)
     rows = read_rows(data_dir, "conversations", split, ["id", "image_id", "turns"])
     return _join(data_dir, split, rows.filter(pc.is_valid(rows["image_id"])))
-
-
-def open_text_only(data_dir: str | Path, split: str = "train") -> "ray.data.Dataset":  # noqa: F821
-    """Text-only conversations of `split`: {id, turns} (no image, no embedding)."""
-    import ray.data
-
-    manifest = read_manifest(data_dir)
-    _check_split(manifest, data_dir, split)
-    rows = read_rows(data_dir, "conversations", split, ["id", "image_id", "turns"])
-    return ray.data.from_arrow(rows.filter(pc.is_null(rows["image_id"])).select(["id", "turns"]))
-

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from trimodal.inference.engine import Prompt, TextGenerator
-from trimodal.inference.generation import SamplingParams
+from trimodal.inference.requests import SamplingParams
 from trimodal.models.chat import IMAGE_MARKER, Turn
 
 
