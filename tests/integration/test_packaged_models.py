@@ -1,4 +1,4 @@
-"""Real packaged weights (DESIGN.md section 4), loaded fully offline from pip packages."""
+"""Real packaged weights (pinned in trimodal/weights/sources.py), loaded fully offline from pip packages."""
 
 import subprocess
 import sys

@@ -1,4 +1,4 @@
-"""A token-authenticated Ray head refuses job submissions without the token (DESIGN.md section 7).
+"""A token-authenticated Ray head refuses job submissions without the token (secure defaults: README 'Training pipeline', docs/cluster.md).
 
 Starts its own head exactly as `make demo` and `make jobs` do (`scripts/local_head.py start`: it creates the token
 when missing, owner-only, and starts `ray start --head` with token auth on and every port on 127.0.0.1), with a fresh

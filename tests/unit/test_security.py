@@ -1,4 +1,4 @@
-"""Security rules that the code must keep (DESIGN.md section 7): no unpickling of files we load.
+"""Security rules that the code must keep (secure defaults): no unpickling of files we load.
 
 1. A source scan (with `ast`, so multi-line and aliased calls count): no `torch.load` without `weights_only=True`
    and no other unpickler (pickle / dill / joblib / pandas.read_pickle / numpy.load(allow_pickle=True)) in the
