@@ -55,8 +55,20 @@ submit_job() {  # submit_job NAME COMMAND...: run COMMAND as a Ray job; a line i
   local id; id="trimodal-$name-$(date +%Y%m%d-%H%M%S)"
   printf '   ray job submit: %s\n' "$*"
   local t0=$SECONDS
-  (cd "$ROOT" && ray job submit --address "$ADDRESS" --no-wait --submission-id "$id" --working-dir . \
-      --runtime-env-json "$RUNTIME_ENV" -- "$@" >/dev/null)
+  local tries=0 err
+  # A head that has just started (or a busy machine) may answer "No available agent to submit job" until its job
+  # agent has registered: that one answer is retried for up to a minute; any other failure ends the run.
+  until err=$(cd "$ROOT" && ray job submit --address "$ADDRESS" --no-wait --submission-id "$id" --working-dir . \
+      --runtime-env-json "$RUNTIME_ENV" -- "$@" 2>&1 >/dev/null); do
+    tries=$((tries + 1))
+    if ! grep -q "No available agent" <<< "$err" || [ "$tries" -ge 30 ]; then
+      printf '%s\n' "$err" >&2
+      echo "error: could not submit job $name to $ADDRESS" >&2
+      exit 1
+    fi
+    if [ "$tries" = 1 ]; then echo "   the head's job agent is not ready yet; retrying for up to a minute"; fi
+    sleep 2
+  done
   CURRENT=$id
   echo "   submitted $id; following its logs (Ctrl-C leaves it running)"
   ray job logs --address "$ADDRESS" --follow "$id" || true
