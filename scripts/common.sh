@@ -61,7 +61,7 @@ submit_job() {  # submit_job NAME COMMAND...: run COMMAND as a Ray job; a line i
   until err=$(cd "$ROOT" && ray job submit --address "$ADDRESS" --no-wait --submission-id "$id" --working-dir . \
       --runtime-env-json "$RUNTIME_ENV" -- "$@" 2>&1 >/dev/null); do
     tries=$((tries + 1))
-    if ! grep -q "No available agent" <<< "$err" || [ "$tries" -ge 30 ]; then
+    if ! grep -q "No available agent" <<< "$err" || [ $((SECONDS - t0)) -ge 60 ]; then
       printf '%s\n' "$err" >&2
       echo "error: could not submit job $name to $ADDRESS" >&2
       exit 1

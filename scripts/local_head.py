@@ -74,6 +74,13 @@ def port_busy(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def head_processes(port: int) -> list[psutil.Process]:
     """The processes of the head whose GCS listens on `port`, with their children (workers, agents, jobs)."""
     me = os.getpid()
@@ -123,9 +130,11 @@ def start(port: int, dashboard_port: int, extra: list[str]) -> None:
     for taken in (p for p in (port, dashboard_port) if port_busy(p)):
         raise HeadError(f"port {taken} is taken by a program that is not a Ray head; free it or choose others "
                         "with RAY_PORT=... DASHBOARD_PORT=...")
+    agent = [] if any(a.startswith("--dashboard-agent-listen-port") for a in extra) else [
+        f"--dashboard-agent-listen-port={free_port()}"]  # Ray's fixed default (52365) clashes with a second head
     cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={os.cpu_count()}",
-           "--disable-usage-stats", *extra]
+           "--disable-usage-stats", *agent, *extra]
     started = subprocess.run(cmd, env=os.environ | HEAD_ENV, capture_output=True, text=True, timeout=300)
     if started.returncode != 0:
         tail = "\n".join((started.stdout + started.stderr).strip().splitlines()[-15:])
