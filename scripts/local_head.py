@@ -23,6 +23,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import psutil
@@ -117,6 +118,20 @@ def serve_process(pid_file: Path | None) -> psutil.Process | None:
         return None
 
 
+def own_defaults(port: int, extra: list[str]) -> list[str]:
+    """Flags that keep this head apart from any other Ray on the machine, unless `extra` sets them.
+
+    - its own temp dir: Ray's job supervisor gives each job the address of the cluster started LAST under the
+      temp dir (`<temp dir>/ray_current_cluster`), so with a shared /tmp/ray a job of this head would be sent to
+      another Ray started after it (a second head, or a test's local Ray);
+    - free ports where Ray's defaults are fixed: the dashboard agent's (52365; a second head would have no job
+      agent: "No available agent to submit job") and the Ray Client server's (10001).
+    """
+    own = {"--temp-dir": str(Path(tempfile.gettempdir()) / f"ray-{port}"),
+           "--dashboard-agent-listen-port": str(free_port()), "--ray-client-server-port": str(free_port())}
+    return [f"{flag}={value}" for flag, value in own.items() if not any(a.startswith(flag) for a in extra)]
+
+
 def start(port: int, dashboard_port: int, extra: list[str]) -> None:
     """Start the head, or say that one is already running on `port` and use it."""
     ensure_token()
@@ -130,17 +145,17 @@ def start(port: int, dashboard_port: int, extra: list[str]) -> None:
     for taken in (p for p in (port, dashboard_port) if port_busy(p)):
         raise HeadError(f"port {taken} is taken by a program that is not a Ray head; free it or choose others "
                         "with RAY_PORT=... DASHBOARD_PORT=...")
-    agent = [] if any(a.startswith("--dashboard-agent-listen-port") for a in extra) else [
-        f"--dashboard-agent-listen-port={free_port()}"]  # Ray's fixed default (52365) clashes with a second head
     cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={os.cpu_count()}",
-           "--disable-usage-stats", *agent, *extra]
+           "--disable-usage-stats", *own_defaults(port, extra), *extra]
     started = subprocess.run(cmd, env=os.environ | HEAD_ENV, capture_output=True, text=True, timeout=300)
     if started.returncode != 0:
         tail = "\n".join((started.stdout + started.stderr).strip().splitlines()[-15:])
         raise HeadError(f"`ray start` failed:\n{tail}")
+    flag = cmd.index(next(a for a in cmd if a.startswith("--temp-dir")))
+    temp = cmd[flag].partition("=")[2] or cmd[flag + 1]
     print(f"   started a Ray head: GCS 127.0.0.1:{port}, dashboard and job API http://127.0.0.1:{dashboard_port} "
-          "(token auth on, every port on 127.0.0.1)")
+          f"(token auth on, every port on 127.0.0.1; logs in {temp}/session_latest/logs)")
 
 
 def stop(port: int, serve_pid_file: Path | None, serve_port: int | None) -> None:

@@ -182,3 +182,41 @@ def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
         jobs = json.loads(response.read())
     assert len(jobs) == 1, f"only the authenticated submission may exist, found {len(jobs)} jobs"
     assert jobs[0]["entrypoint"] == "echo hi" and jobs[0]["status"] == "SUCCEEDED"
+
+
+def start_default_head(home: Path) -> tuple[int, int]:
+    """A head started by `local_head.py start` with only its two ports given (every other setting its default)."""
+    gcs, dashboard = free_ports(2)
+    started = subprocess.run([sys.executable, str(LOCAL_HEAD), "start", f"--port={gcs}", f"--dashboard-port={dashboard}"],
+                             env=clean_env(home, RAY_AUTH_MODE="token"), cwd=home, capture_output=True, text=True,
+                             timeout=300)
+    assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
+    return gcs, dashboard
+
+
+def job_sees_address(dashboard: int, home: Path) -> str:
+    """The RAY_ADDRESS a job submitted to the head on `dashboard` is given by Ray's job supervisor."""
+    code = "import os; print('address=' + os.environ['RAY_ADDRESS'])"
+    result = subprocess.run([str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                             sys.executable, "-c", code], env=clean_env(home, RAY_AUTH_MODE="token"), cwd=home,
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    return next(line.split("=", 1)[1] for line in result.stdout.splitlines() if line.startswith("address="))
+
+
+def test_two_default_heads_side_by_side_each_run_their_own_jobs(token_head):
+    """Two heads started with local_head.py's defaults: both accept jobs, and each job is told its own cluster.
+    With Ray's defaults the second head had no job agent (the fixed agent port), and a job of the first was given
+    the second's address (Ray's job supervisor picks the cluster started last under a shared temp dir)."""
+    first = second = (0, 0)
+    try:
+        first = start_default_head(token_head.home)
+        second = start_default_head(token_head.home)
+        assert job_sees_address(first[1], token_head.home) == f"127.0.0.1:{first[0]}"
+        assert job_sees_address(second[1], token_head.home) == f"127.0.0.1:{second[0]}"
+    finally:
+        for gcs, _ in (first, second):
+            if gcs:
+                temp = Path(tempfile.gettempdir()) / f"ray-{gcs}"
+                stop_processes_of(temp, gcs_port=gcs)
+                shutil.rmtree(temp, ignore_errors=True)
