@@ -440,16 +440,21 @@ def _phrasing_patterns() -> tuple[tuple[str, str, re.Pattern], ...]:
     for qtype, sets in PHRASINGS.items():
         for which, templates in sets.items():
             for template in templates:
-                regex = "".join(re.escape(literal) + (slots[qtype][field] if field else "")
+                regex = "".join(re.escape(_spelling(literal)) + (slots[qtype][field] if field else "")
                                 for literal, field, _, _ in string.Formatter().parse(template))
                 out.append((qtype, which, re.compile(regex, re.IGNORECASE)))
     return tuple(out)
 
 
+def _spelling(text: str) -> str:
+    """One spelling of colour: a transcript (Whisper writes 'color') still matches a 'colour' wording."""
+    return re.sub(r"colour", "color", text, flags=re.IGNORECASE)
+
+
 def phrasing_of(question: str) -> tuple[str, str] | None:
-    """(question type, phrasing set) of a question worded from PHRASINGS (case and runs of white space ignored);
-    None for any other question."""
-    text = " ".join(question.split())
+    """(question type, phrasing set) of a question worded from PHRASINGS (case, runs of white space and colour /
+    color ignored); None for any other question."""
+    text = _spelling(" ".join(question.split()))
     for qtype, which, pattern in _phrasing_patterns():
         if pattern.fullmatch(text):
             return qtype, which

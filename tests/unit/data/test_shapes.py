@@ -237,6 +237,8 @@ def test_every_type_has_many_wordings_and_the_design_forms_are_seen() -> None:
     assert phrasing_of("What color is the circle?") == ("color", "seen")
     assert phrasing_of("What shape is the red object?") == ("shape", "seen")
     assert phrasing_of("  what colour   IS the square? ") == ("color", "seen")
+    assert phrasing_of("name the color of the circle.") == ("color", "held_out")  # Whisper's spelling, no capital
+    assert phrasing_of("Which color does the circle have?") == ("color", "held_out")  # the demo's spoken question
     assert phrasing_of("What is the capital of France?") is None
 
 
