@@ -2,8 +2,8 @@
 
 Questions of the shapes set are typed by their wording (`question_type`): every wording of the set's PHRASINGS
 (`trimodal.data.shapes.phrasing_of`), else a few open patterns ("What colour is ...", "How many ...", "Is there
-..."); other questions are typed `other` and are not scored. An answer is scored strictly (`answer_correct`): it counts only when it names exactly what the
-reference answer names, and nothing else of the same kind.
+..."); other questions are typed `other` and are not scored. An answer is scored strictly (`answer_correct`): it
+counts only when it names exactly what the reference answer names, and nothing else of the same kind.
 
 - colour / shape: the set of colour (shape) words of the answer equals that of the reference. "It is red." is
   right for "The circle is red."; "red and blue" and "The circle is green." are wrong. `side` ("What color is the
