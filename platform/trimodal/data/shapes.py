@@ -9,7 +9,13 @@ same code reads it as the real data, plus a ground-truth file for evaluation:
     DIR/annotations/captions_{train,val}2017.json  COCO captions, 3 per image (the first is the canonical one)
     DIR/llava_instruct.json                        LLaVA-Instruct conversations about the training images
     DIR/llava_instruct_val.json                    the same for the held-out images
-    DIR/shapes_meta.json                           objects (colour, shape, bbox) and, per question, type + expected
+    DIR/shapes_meta.json                           objects (colour, shape, bbox) and, per question, type, expected
+                                                   answer and phrasing set
+
+Questions come in six types (QUESTION_TYPES), each asked in many wordings (PHRASINGS) and answered in varied
+wordings that always name exactly the expected colour, shape, number or objects. A fixed set of wordings per type is
+held out: training conversations never use it, held-out ones ask both sets, and `phrasing_of` tells which set (and
+type) a question's text comes from, so evaluation can score seen and held-out wordings apart.
 
 Image k of a split depends only on (seed, split, k): never on how many images are generated. Re-running into the
 same directory rewrites nothing that is already identical, and yields byte-identical files.
@@ -23,9 +29,11 @@ import io
 import json
 import math
 import re
+import string
 import time
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -45,7 +53,76 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "orange": (255, 130, 0),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "describe")
+QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "describe", "exists", "side")
+PHRASING_SETS: tuple[str, ...] = ("seen", "held_out")
+PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
+    "color": {
+        "seen": ("What color is {thing}?", "What colour is {thing}?", "Which color is {thing}?",
+                 "What is the color of {thing}?", "Tell me the colour of {thing}.", "Color of {thing}?",
+                 "What color is it?", "Could you tell me what color {thing} in this image is?",
+                 "In which colour is {thing} drawn?"),
+        "held_out": ("Which color does {thing} have?", "Name the colour of {thing}.",
+                     "Identify the color of {thing}."),
+    },
+    "shape": {
+        "seen": ("What shape is {thing}?", "Which shape is {thing}?", "What kind of shape is {thing}?",
+                 "What is the shape of {thing}?", "Tell me the shape of {thing}.", "Shape of {thing}?",
+                 "What shape is it?", "Could you tell me what shape {thing} in this image has?",
+                 "What form does {thing} have?"),
+        "held_out": ("Which kind of shape is {thing}?", "Name the shape of {thing}.", "Identify the shape of {thing}."),
+    },
+    "count": {
+        "seen": ("How many shapes are there?", "How many objects are there?", "How many shapes are in the image?",
+                 "How many objects can you see?", "Count the shapes.", "What is the number of shapes?",
+                 "Tell me how many shapes there are.", "How many shapes does the picture show?",
+                 "Number of shapes?"),
+        "held_out": ("How many things are drawn?", "Count the objects in the picture.",
+                     "Identify the number of shapes."),
+    },
+    "describe": {
+        "seen": ("Describe the image.", "Describe the picture.", "What is in the image?", "What do you see?",
+                 "Tell me what the image shows.", "What does the picture show?", "Describe what you see.",
+                 "List the shapes in the image.", "Give a short description of the image."),
+        "held_out": ("What is shown in this picture?", "Name the objects in the image.",
+                     "Identify everything in the picture."),
+    },
+    "exists": {
+        "seen": ("Is there {item}?", "Is there {item} in the image?", "Do you see {item}?", "Can you see {item}?",
+                 "Does the image contain {item}?", "Does the picture show {item}?", "Is {item} shown?",
+                 "Tell me if there is {item}.", "Could you check whether the image has {item} in it?"),
+        "held_out": ("Is {item} visible?", "Does this picture have {item}?", "Is {item} present in the picture?"),
+    },
+    "side": {
+        "seen": ("What color is the shape on the {side}?", "What colour is the object on the {side}?",
+                 "Which color is the {side} shape?", "What is the color of the {side} object?",
+                 "Tell me the colour of the shape on the {side}.", "What color is the {side} one?",
+                 "What color is the {side}most shape?", "Could you tell me what colour the shape on the {side} is?",
+                 "The shape on the {side}: what color is it?"),
+        "held_out": ("Which color does the {side} shape have?", "Name the colour of the object on the {side}.",
+                     "Identify the color of the shape on the {side} side."),
+    },
+}
+"""Question wordings per type and phrasing set. {thing}: the object asked about ('the circle'; in a one-object image
+also 'the shape' or 'the object'; for `shape`, 'the red object' / 'the red shape' / 'the red one'); a colour or shape
+wording without {thing} ('What color is it?') is asked about one-object images only. {item}: 'a red circle'.
+{side}: left or right. The first seen wording of the first four types is the DESIGN's form."""
+ANSWERS: dict[str, tuple[str, ...]] = {
+    "color": ("{Thing} is {color}.", "It is {color}.", "It's {color}.", "{Color}.", "The color is {color}.",
+              "{Thing} is colored {color}."),
+    "shape": ("It is a {shape}.", "It's a {shape}.", "{Thing} is a {shape}.", "A {shape}.", "That is a {shape}."),
+    "count": ("There {is} {n} {shapes}.", "There {is} {n} {objects}.", "{N}.", "I can see {n} {shapes}.",
+              "The image shows {n} {shapes}."),
+    "describe": ("{Caption}.", "The image shows {caption}.", "I see {caption}.", "It shows {caption}.",
+                 "This is a picture of {caption}."),
+    "yes": ("Yes, there is {item}.", "Yes.", "Yes, I can see {item}.", "Yes, the image shows {item}."),
+    "no": ("No, there is no {color} {shape}.", "No.", "No, I cannot see {item}.",
+           "No, the image shows no {color} {shape}."),
+    "side": ("The {side} shape is {color}.", "It is {color}.", "{Color}.", "The shape on the {side} is {color}.",
+             "The {side} one is {color}.", "It is the {color} {shape}."),
+}
+"""Answer wordings: `yes` / `no` answer `exists`; each names the expected colour, shape or number and no other."""
+SIDE_MIN_DX = 40
+"""Left/right questions are asked only when the two centres' x differ by at least this many px."""
 SPLIT_DIRS: dict[str, str] = {"train": "train2017", "val": "val2017"}
 CAPTION_FILES: dict[str, str] = {"train": "captions_train2017.json", "val": "captions_val2017.json"}
 LLAVA_FILES: dict[str, str] = {"train": "llava_instruct.json", "val": "llava_instruct_val.json"}
@@ -69,6 +146,8 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "an image showing {}",
 )
 _SPLIT_CODES = {"train": 0, "val": 1}
+HELD_OUT_SHARE: dict[str, float] = {"train": 0.0, "val": 0.5}
+"""Chance that a question of a split is worded from the held-out set: never in training."""
 _IMAGE_NAME = re.compile(r"^\d{12}\.png$")
 
 
@@ -113,7 +192,9 @@ class Question:
     question: str
     answer: str
     expected: str
-    """What a correct answer must say: a colour, a shape, a number word, or the canonical caption."""
+    """What a correct answer must say: a colour, a shape, a number word, yes / no, or the canonical caption."""
+    phrasing: str = "seen"
+    """Which of PHRASING_SETS the question's wording comes from."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +225,7 @@ class QuestionTruth:
     question: str
     answer: str
     expected: str
+    phrasing: str = "seen"
 
 
 @dataclass(frozen=True)
@@ -201,7 +283,8 @@ def sample_image(seed: int, split: str, index: int) -> ShapeSample:
     rng = np.random.default_rng([seed, _SPLIT_CODES[split], index])
     background = tuple(int(v) for v in rng.integers(228, 256, size=3))
     objects = _place(rng, _sample_kinds(rng))
-    questions = questions_for(objects)
+    language = np.random.default_rng([seed, _SPLIT_CODES[split], index, 1])  # wordings: the captions stay as before
+    questions = questions_for(objects, language, HELD_OUT_SHARE[split])
     return ShapeSample(
         split=split,
         index=index,
@@ -251,27 +334,131 @@ def _captions(rng: np.random.Generator, objects: tuple[ShapeObject, ...]) -> tup
     return (canonical, *(variants[int(i)] for i in picks))
 
 
-def questions_for(objects: Sequence[ShapeObject]) -> list[Question]:
-    """Every applicable question: colour of a shape only if that shape is unique in the image, shape of a
-    colour only if that colour is unique, then count and describe."""
+def questions_for(objects: Sequence[ShapeObject], rng: np.random.Generator | None = None,
+                  held_out: float = 0.0) -> list[Question]:
+    """Every applicable question, each worded from the held-out set with chance `held_out` (else the seen set):
+    colour of a shape only if that shape is unique in the image, shape of a colour only if that colour is unique,
+    count, describe, one yes/no question (yes or no by a coin flip), and for two shapes clearly apart in x the
+    colour of the left or the right one. `rng` (default: seed 0) picks wordings, answers and targets."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    objects = list(objects)
     shape_counts = Counter(o.shape for o in objects)
     color_counts = Counter(o.color for o in objects)
-    out = [
-        Question("color", f"What color is the {o.shape}?", f"The {o.shape} is {o.color}.", o.color)
-        for o in objects
-        if shape_counts[o.shape] == 1
-    ]
-    out += [
-        Question("shape", f"What shape is the {o.color} object?", f"It is a {o.shape}.", o.shape)
-        for o in objects
-        if color_counts[o.color] == 1
-    ]
-    n = len(objects)
-    count = "There is one shape." if n == 1 else f"There are {NUMBER_WORDS[n]} shapes."
-    out.append(Question("count", "How many shapes are there?", count, NUMBER_WORDS[n]))
-    caption = caption_for(objects)
-    out.append(Question("describe", "Describe the image.", caption[0].upper() + caption[1:] + ".", caption))
+    out = [_color_question(rng, held_out, o, len(objects) == 1) for o in objects if shape_counts[o.shape] == 1]
+    out += [_shape_question(rng, held_out, o, len(objects) == 1) for o in objects if color_counts[o.color] == 1]
+    out.append(_count_question(rng, held_out, len(objects)))
+    out.append(_describe_question(rng, held_out, objects))
+    out.append(_exists_question(rng, held_out, objects))
+    if len(objects) == 2 and abs(objects[0].cx - objects[1].cx) >= SIDE_MIN_DX:
+        out.append(_side_question(rng, held_out, objects))
     return out
+
+
+def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
+    return options[int(rng.integers(len(options)))]
+
+
+def _wording(rng: np.random.Generator, qtype: str, held_out: float, single: bool = True) -> tuple[str, str]:
+    """(phrasing set, question template); colour/shape templates without {thing} only when `single`."""
+    which = "held_out" if rng.random() < held_out else "seen"
+    templates = [t for t in PHRASINGS[qtype][which] if single or qtype not in ("color", "shape") or "{thing}" in t]
+    return which, _pick(rng, templates)
+
+
+def _capital(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def _color_question(rng: np.random.Generator, held_out: float, obj: ShapeObject, single: bool) -> Question:
+    which, template = _wording(rng, "color", held_out, single)
+    thing = _pick(rng, [f"the {obj.shape}"] + (["the shape", "the object"] if single else []))
+    named = thing if "{thing}" in template else f"the {obj.shape}"  # "What color is it?" -> "The circle is red."
+    answer = _pick(rng, ANSWERS["color"]).format(Thing=_capital(named), color=obj.color, Color=_capital(obj.color))
+    return Question("color", template.format(thing=thing), answer, obj.color, which)
+
+
+def _shape_question(rng: np.random.Generator, held_out: float, obj: ShapeObject, single: bool) -> Question:
+    which, template = _wording(rng, "shape", held_out, single)
+    thing = _pick(rng, [f"the {obj.color} {noun}" for noun in ("object", "shape", "one")])
+    named = thing if "{thing}" in template else f"the {obj.color} object"
+    answer = _pick(rng, ANSWERS["shape"]).format(Thing=_capital(named), shape=obj.shape)
+    return Question("shape", template.format(thing=thing), answer, obj.shape, which)
+
+
+def _count_question(rng: np.random.Generator, held_out: float, n: int) -> Question:
+    which, template = _wording(rng, "count", held_out)
+    words = {"is": "is" if n == 1 else "are", "n": NUMBER_WORDS[n], "N": _capital(NUMBER_WORDS[n]),
+             "shapes": "shape" if n == 1 else "shapes", "objects": "object" if n == 1 else "objects"}
+    return Question("count", template, _pick(rng, ANSWERS["count"]).format(**words), NUMBER_WORDS[n], which)
+
+
+def _describe_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
+    which, template = _wording(rng, "describe", held_out)
+    caption = caption_for(objects)
+    answer = _pick(rng, ANSWERS["describe"]).format(caption=caption, Caption=_capital(caption))
+    return Question("describe", template, answer, caption, which)
+
+
+def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
+    """'Is there a red circle?': yes about a drawn object, or no about a plausible other one (a drawn colour with
+    another shape, or a drawn shape with another colour)."""
+    which, template = _wording(rng, "exists", held_out)
+    present = {(o.color, o.shape) for o in objects}
+    base = objects[int(rng.integers(len(objects)))]
+    color, shape = base.color, base.shape
+    yes = bool(rng.random() < 0.5)
+    if not yes:
+        if rng.random() < 0.5:
+            options = [(color, s) for s in SHAPES if (color, s) not in present]
+        else:
+            options = [(c, shape) for c in COLORS if (c, shape) not in present]
+        color, shape = options[int(rng.integers(len(options)))]
+    item = ShapeObject(color, shape, 0, 0, 0).phrase()
+    answer = _pick(rng, ANSWERS["yes" if yes else "no"]).format(item=item, color=color, shape=shape)
+    return Question("exists", template.format(item=item), answer, "yes" if yes else "no", which)
+
+
+def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
+    """The colour of the left or the right shape (by centre x) of a two-shape image."""
+    which, template = _wording(rng, "side", held_out)
+    side = _pick(rng, ("left", "right"))
+    obj = min(objects, key=lambda o: o.cx) if side == "left" else max(objects, key=lambda o: o.cx)
+    words = {"side": side, "color": obj.color, "Color": _capital(obj.color), "shape": obj.shape}
+    return Question("side", template.format(side=side), _pick(rng, ANSWERS["side"]).format(**words), obj.color, which)
+
+
+@lru_cache(maxsize=1)
+def _phrasing_patterns() -> tuple[tuple[str, str, re.Pattern], ...]:
+    colors, shapes = "|".join(COLORS), "|".join(SHAPES)
+    slots = {
+        "color": {"thing": rf"the (?:{shapes}|shape|object)"},
+        "shape": {"thing": rf"the (?:{colors}) (?:object|shape|one)"},
+        "exists": {"item": rf"an? (?:{colors}) (?:{shapes})"},
+        "side": {"side": r"(?:left|right)"},
+    }
+    out = []
+    for qtype, sets in PHRASINGS.items():
+        for which, templates in sets.items():
+            for template in templates:
+                regex = "".join(re.escape(_spelling(literal)) + (slots[qtype][field] if field else "")
+                                for literal, field, _, _ in string.Formatter().parse(template))
+                out.append((qtype, which, re.compile(regex, re.IGNORECASE)))
+    return tuple(out)
+
+
+def _spelling(text: str) -> str:
+    """One spelling of colour: a transcript (Whisper writes 'color') still matches a 'colour' wording."""
+    return re.sub(r"colour", "color", text, flags=re.IGNORECASE)
+
+
+def phrasing_of(question: str) -> tuple[str, str] | None:
+    """(question type, phrasing set) of a question worded from PHRASINGS (case, runs of white space and colour /
+    color ignored); None for any other question."""
+    text = _spelling(" ".join(question.split()))
+    for qtype, which, pattern in _phrasing_patterns():
+        if pattern.fullmatch(text):
+            return qtype, which
+    return None
 
 
 def _group_questions(rng: np.random.Generator, questions: list[Question]) -> tuple[tuple[Question, ...], ...]:
@@ -307,8 +494,8 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def parse_answer(question_type: str, text: str) -> str | None:
-    """The ground-truth keyword a free-form answer states (colour, shape, number word), or, for `describe`,
-    the answer normalised like a canonical caption; None when the answer names none."""
+    """The ground-truth keyword a free-form answer states (its first colour, shape, number word, yes or no), or,
+    for `describe`, the answer normalised like a canonical caption; None when the answer names none."""
     if question_type not in QUESTION_TYPES:
         raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
     lowered = text.lower().strip()
@@ -317,8 +504,10 @@ def parse_answer(question_type: str, text: str) -> str | None:
     if question_type == "count":
         digits = {str(k): v for k, v in NUMBER_WORDS.items()}
         vocab = {**digits, **{v: v for v in NUMBER_WORDS.values()}}
+    elif question_type == "exists":
+        vocab = {"yes": "yes", "no": "no"}
     else:
-        words = COLORS if question_type == "color" else SHAPES
+        words = COLORS if question_type in ("color", "side") else SHAPES
         vocab = {**{w: w for w in words}, **{w + "s": w for w in words}}
     for token in re.findall(r"[a-z0-9]+", lowered):
         if token in vocab:
@@ -366,7 +555,7 @@ def coco_captions(samples: Sequence[ShapeSample], split: str) -> dict[str, Any]:
 
 
 def meta_record(seed: int, samples: Iterable[ShapeSample]) -> dict[str, Any]:
-    """The ground-truth file: per image its objects, per question its type and expected answer."""
+    """The ground-truth file: per image its objects, per question its type, expected answer and phrasing set."""
     images = []
     for s in samples:
         objects = [
@@ -375,15 +564,17 @@ def meta_record(seed: int, samples: Iterable[ShapeSample]) -> dict[str, Any]:
         ]
         questions = [
             {"conversation_id": conversation_id(s.image_id, k), "turn": t, "type": q.type,
-             "question": q.question, "answer": q.answer, "expected": q.expected}
+             "question": q.question, "answer": q.answer, "expected": q.expected, "phrasing": q.phrasing}
             for k, conv in enumerate(s.conversations)
             for t, q in enumerate(conv)
         ]
         images.append({"image_id": s.image_id, "file_name": s.file_name, "split": s.split,
                        "width": IMAGE_SIZE, "height": IMAGE_SIZE, "background": list(s.background),
                        "objects": objects, "questions": questions})
-    return {"version": 1, "seed": seed, "bbox_format": "xywh", "colors": {k: list(v) for k, v in COLORS.items()},
-            "shapes": list(SHAPES), "question_types": list(QUESTION_TYPES), "images": images}
+    return {"version": 2, "seed": seed, "bbox_format": "xywh", "colors": {k: list(v) for k, v in COLORS.items()},
+            "shapes": list(SHAPES), "question_types": list(QUESTION_TYPES),
+            "phrasings": {t: {k: list(v) for k, v in sets.items()} for t, sets in PHRASINGS.items()},
+            "images": images}
 
 
 def read_shapes_meta(path: str | Path) -> list[ImageTruth]:
@@ -395,7 +586,8 @@ def read_shapes_meta(path: str | Path) -> list[ImageTruth]:
             ShapeObject(o["color"], o["shape"], o["center"][0], o["center"][1], o["radius"]) for o in img["objects"]
         )
         questions = tuple(
-            QuestionTruth(q["conversation_id"], q["turn"], q["type"], q["question"], q["answer"], q["expected"])
+            QuestionTruth(q["conversation_id"], q["turn"], q["type"], q["question"], q["answer"], q["expected"],
+                          q.get("phrasing", "seen"))  # version 1 files asked the DESIGN's (seen) forms only
             for q in img["questions"]
         )
         out.append(ImageTruth(img["image_id"], img["file_name"], img["split"], objects, questions))

@@ -76,7 +76,10 @@ def caption_scores(jobs: list[tuple], preds: list[str], references: dict[int, li
 
 
 def question_jobs(conversations: list[dict]) -> list[dict]:
-    """One job per assistant turn: its history (with reference answers), question, reference and type."""
+    """One job per assistant turn: its history (with reference answers), question, reference, type and phrasing set
+    (seen / held_out for the shapes set's own wordings, else None)."""
+    from trimodal.evaluation.scoring import question_phrasing
+
     jobs = []
     for conv in conversations:
         turns = [Turn(t["role"], t["text"]) for t in conv["turns"]]
@@ -87,7 +90,7 @@ def question_jobs(conversations: list[dict]) -> list[dict]:
                 question = conv["turns"][k - 1]["text"]
                 jobs.append({"id": conv["id"], "image_id": conv["image_id"], "history": turns[:k],
                              "question": question, "reference": turn.text, "type": question_type(question),
-                             "first_turn": k == 1})
+                             "phrasing": question_phrasing(question), "first_turn": k == 1})
     return jobs
 
 
@@ -96,44 +99,86 @@ def conversation_scores(jobs: list[dict], preds: list[str]) -> tuple[dict, list[
 
     Later turns are answered after the reference answers of earlier ones, which can give the answer away ("Describe
     the image." names every shape's colour), so each type also reports `first_turn`: the questions that open their
-    conversation, answered from the image alone.
+    conversation, answered from the image alone, split by the wording's phrasing set (seen in training or held
+    out). `describe` also reports `two_objects`: its exact-set accuracy on images with two shapes.
     """
-    tally: dict[tuple[str, bool], list[int]] = defaultdict(lambda: [0, 0])
+    from trimodal.evaluation.scoring import described_objects
+
+    tally: dict[tuple[str, bool, str | None, int], list[int]] = defaultdict(lambda: [0, 0])
     rows = []
     for job, pred in zip(jobs, preds):
         ok = answer_correct(job["type"], pred, job["reference"])
+        phrasing = job.get("phrasing")
         if ok is not None:
-            tally[job["type"], job["first_turn"]][0] += int(ok)
-            tally[job["type"], job["first_turn"]][1] += 1
+            objects = sum(described_objects(job["reference"]).values()) if job["type"] == "describe" else 0
+            tally[job["type"], job["first_turn"], phrasing, objects][0] += int(ok)
+            tally[job["type"], job["first_turn"], phrasing, objects][1] += 1
         rows.append({"kind": "question", "id": job["id"], "image_id": job["image_id"], "type": job["type"],
-                     "question": job["question"], "first_turn": job["first_turn"], "predicted": pred,
-                     "reference": job["reference"], "correct": ok})
+                     "question": job["question"], "phrasing": phrasing, "first_turn": job["first_turn"],
+                     "predicted": pred, "reference": job["reference"], "correct": ok})
     return _accuracies(tally), rows
 
 
-def _accuracies(tally: dict[tuple[str, bool], list[int]]) -> dict:
-    """{type: {accuracy, correct, total, first_turn: {accuracy, correct, total}}} from (type, first) tallies."""
+def _cell(tally: dict, qtype: str, first: bool | None = None, phrasing: str | None = None,
+          objects: int | None = None) -> dict:
+    """{accuracy, correct, total} of the tally entries of `qtype` that match every filter given."""
+    correct = total = 0
+    for (kind, is_first, said, n), (c, t) in tally.items():
+        if kind == qtype and first in (None, is_first) and phrasing in (None, said) and objects in (None, n):
+            correct, total = correct + c, total + t
+    return {"accuracy": correct / total if total else None, "correct": correct, "total": total}
+
+
+def _accuracies(tally: dict[tuple[str, bool, str | None, int], list[int]]) -> dict:
+    """{type: {accuracy, correct, total, first_turn: {accuracy, correct, total, seen: {...}, held_out: {...}}}} from
+    (type, first turn, phrasing set, objects described) tallies; `describe` adds two_objects: {..., first_turn}."""
     out = {}
-    for qtype in sorted({t for t, _ in tally}):
-        first, later = tally.get((qtype, True), [0, 0]), tally.get((qtype, False), [0, 0])
-        correct, total = first[0] + later[0], first[1] + later[1]
-        out[qtype] = {"accuracy": correct / total, "correct": correct, "total": total,
-                      "first_turn": {"accuracy": first[0] / first[1] if first[1] else None, "correct": first[0],
-                                     "total": first[1]}}
+    for qtype in sorted({key[0] for key in tally}):
+        row = _cell(tally, qtype)
+        row["first_turn"] = {**_cell(tally, qtype, True), "seen": _cell(tally, qtype, True, "seen"),
+                             "held_out": _cell(tally, qtype, True, "held_out")}
+        if qtype == "describe":
+            row["two_objects"] = {**_cell(tally, qtype, objects=2), "first_turn": _cell(tally, qtype, True, objects=2)}
+        out[qtype] = row
     return out
 
 
+def _shown(cell: dict) -> str:
+    return f"{cell['accuracy']:.3f}" if cell["accuracy"] is not None else "-"
+
+
 def print_table(result: dict) -> None:
-    """A small table of everything measured."""
+    """A small table of everything measured: per question type all turns, first turns, and first turns of seen and
+    of held-out wordings; describe's exact-set accuracy on two-shape images; all types together."""
     cap = result["captions"]
-    print(f"\n{'metric':<22}{'value':>10}{'n':>8}{'first turn':>12}{'n':>6}")
+    print(f"\n{'metric':<24}{'value':>8}{'n':>6}{'first turn':>12}{'n':>6}{'seen':>8}{'n':>6}{'held-out':>10}{'n':>6}")
     for key in ("BLEU-1", "BLEU-4", "CIDEr-D"):
         if key in cap:
-            print(f"{'captions ' + key:<22}{cap[key]:>10.4f}{cap['images']:>8}")
+            print(f"{'captions ' + key:<24}{cap[key]:>8.4f}{cap['images']:>6}")
+    totals = {"all": [0, 0], "first": [0, 0], "seen": [0, 0], "held_out": [0, 0]}
     for qtype, row in result["questions"].items():
         first = row["first_turn"]
-        shown = f"{first['accuracy']:.3f}" if first["accuracy"] is not None else "-"
-        print(f"{'accuracy ' + qtype:<22}{row['accuracy']:>10.3f}{row['total']:>8}{shown:>12}{first['total']:>6}")
+        cells = [row, first, first.get("seen"), first.get("held_out")]
+        print(f"{'accuracy ' + qtype:<24}" + "".join(_columns(cells)))
+        for name, cell in zip(totals, cells):
+            if cell is not None:
+                totals[name][0] += cell["correct"]
+                totals[name][1] += cell["total"]
+        if "two_objects" in row:
+            two = row["two_objects"]
+            print(f"{'  describe 2 objects':<24}" + "".join(_columns([two, two["first_turn"]])))
+    if result["questions"]:
+        cells = [{"accuracy": c / t if t else None, "correct": c, "total": t} for c, t in totals.values()]
+        print(f"{'accuracy all types':<24}" + "".join(_columns(cells)))
+
+
+def _columns(cells: list[dict | None]) -> list[str]:
+    """Table cells (accuracy, n) at the widths of print_table's header."""
+    widths = [(8, 6), (12, 6), (8, 6), (10, 6)]
+    out = []
+    for cell, (a, n) in zip(cells, widths):
+        out.append(f"{_shown(cell):>{a}}{cell['total']:>{n}}" if cell is not None else f"{'-':>{a}}{'-':>{n}}")
+    return out
 
 
 def read_split(data_dir: Path, split: str) -> tuple[dict[int, np.ndarray], dict[int, list[str]], list[dict]]:

@@ -1,11 +1,15 @@
 """Question typing and answer scoring for conversations about held-out images.
 
-Questions of the shapes set are typed by their wording (`question_type`); other questions are typed `other` and
-are not scored. An answer is scored strictly (`answer_correct`): it counts only when it names exactly what the
-reference answer names, and nothing else of the same kind.
+Questions of the shapes set are typed by their wording (`question_type`): every wording of the set's PHRASINGS
+(`trimodal.data.shapes.phrasing_of`), else a few open patterns ("What colour is ...", "How many ...", "Is there
+..."); other questions are typed `other` and are not scored. An answer is scored strictly (`answer_correct`): it
+counts only when it names exactly what the reference answer names, and nothing else of the same kind.
 
 - colour / shape: the set of colour (shape) words of the answer equals that of the reference. "It is red." is
-  right for "The circle is red."; "red and blue" and "The circle is green." are wrong.
+  right for "The circle is red."; "red and blue" and "The circle is green." are wrong. `side` ("What color is the
+  shape on the left?") is scored as colour.
+- exists ("Is there a red circle?"): the set of yes / no words of the answer equals the reference's, so "Yes." is
+  right for "Yes, there is a red circle." and "Yes and no." is wrong.
 - count: the set of numbers the answer states equals the reference's; number words and digits are the same
   number ("2" == "two"), so "There are two shapes." is wrong for "There is one shape.".
 - describe: the objects the answer names, each a (colour, shape) pair, equal the reference's, as a multiset in any
@@ -26,14 +30,17 @@ import re
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from trimodal.data.shapes import COLORS, SHAPES, parse_answer
+from trimodal.data.shapes import COLORS, SHAPES, parse_answer, phrasing_of
 
 QUESTION_PATTERNS: tuple[tuple[str, str], ...] = (
-    ("color", r"^\s*what colou?r is\b"),
-    ("shape", r"^\s*what shape is\b"),
+    ("side", r"^\s*(what|which) colou?r\b.*\b(left|right)(most)?\b"),
+    ("color", r"^\s*(what|which) colou?r (is|does)\b"),
+    ("shape", r"^\s*(what|which) (kind of )?shape (is|does)\b"),
     ("count", r"^\s*how many\b"),
     ("describe", r"^\s*describe\b"),
+    ("exists", r"^\s*(is there|are there|do you see|can you see)\b"),
 )
+"""Open patterns, tried in order, for questions that are none of the shapes set's own wordings."""
 NUMBERS: dict[str, int] = {word: n for n, word in enumerate(
     ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"))}
 """Number words an answer may state a count with; any run of digits is a number too."""
@@ -44,12 +51,21 @@ RULES: tuple[str, ...] = ("lenient", "strict")
 
 
 def question_type(question: str) -> str:
-    """color, shape, count, describe or other."""
+    """One of the shapes set's QUESTION_TYPES (color, shape, count, describe, exists, side), or other."""
+    known = phrasing_of(question)
+    if known is not None:
+        return known[0]
     lowered = question.lower()
     for name, pattern in QUESTION_PATTERNS:
         if re.search(pattern, lowered):
             return name
     return "other"
+
+
+def question_phrasing(question: str) -> str | None:
+    """seen or held_out: the phrasing set of one of the shapes set's own wordings; None for any other question."""
+    known = phrasing_of(question)
+    return known[1] if known else None
 
 
 def tokens(text: str) -> list[str]:
@@ -64,9 +80,12 @@ def _number(token: str) -> int | None:
 
 
 def named(qtype: str, text: str) -> set:
-    """What `text` names of a question type's kind: colours, shapes (plurals folded) or numbers (as ints)."""
-    if qtype == "color":
+    """What `text` names of a question type's kind: colours (color, side), shapes (plurals folded), numbers (as
+    ints) or yes / no (exists)."""
+    if qtype in ("color", "side"):
         return {t for t in tokens(text) if t in COLORS}
+    if qtype == "exists":
+        return {t for t in tokens(text) if t in ("yes", "no")}
     if qtype == "shape":
         return {SHAPE_WORDS[t] for t in tokens(text) if t in SHAPE_WORDS}
     if qtype == "count":

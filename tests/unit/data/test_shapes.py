@@ -21,17 +21,21 @@ from trimodal.data.shapes import (
     COLORS,
     EDGE_MARGIN,
     IMAGE_SIZE,
+    PHRASINGS,
     SHAPES,
+    SIDE_MIN_DX,
     VAL_ID_OFFSET,
     apart,
     caption_for,
     encode_png,
     parse_answer,
+    phrasing_of,
     read_shapes_meta,
     render,
     sample_image,
     write_shapes_dataset,
 )
+from trimodal.evaluation.scoring import answer_correct, described_objects, tokens
 
 N_TRAIN, N_VAL = 24, 8
 
@@ -152,9 +156,11 @@ def test_captions() -> None:
 
 def _applicable_types(objects: list[dict]) -> Counter:
     shapes, colors = Counter(o["shape"] for o in objects), Counter(o["color"] for o in objects)
-    return Counter(
+    apart_in_x = len(objects) == 2 and abs(objects[0]["center"][0] - objects[1]["center"][0]) >= SIDE_MIN_DX
+    return +Counter(
         {"color": sum(shapes[o["shape"]] == 1 for o in objects),
-         "shape": sum(colors[o["color"]] == 1 for o in objects), "count": 1, "describe": 1})
+         "shape": sum(colors[o["color"]] == 1 for o in objects), "count": 1, "describe": 1, "exists": 1,
+         "side": int(apart_in_x)})
 
 
 def test_questions_match_meta_and_conversations(dataset: Path) -> None:
@@ -167,33 +173,110 @@ def test_questions_match_meta_and_conversations(dataset: Path) -> None:
         assert values[0].startswith("<image>\n") and not any("<image>" in v for v in values[1:])
         assert 2 <= len(values) // 2 <= 4
     assert len(meta["images"]) == N_TRAIN + N_VAL
+    assert meta["phrasings"] == {t: {k: list(v) for k, v in sets.items()} for t, sets in PHRASINGS.items()}
     for image in meta["images"]:
         objects = image["objects"]
         questions = image["questions"]
-        assert Counter(q["type"] for q in questions) == _applicable_types(objects)
+        assert +Counter(q["type"] for q in questions) == _applicable_types(objects)
         assert len({q["conversation_id"] for q in questions}) in (1, 2)
         for q in questions:
             turns = conversations[q["conversation_id"]].turns
             assert turns[2 * q["turn"]].text == q["question"]
             assert turns[2 * q["turn"] + 1].text == q["answer"]
-            assert parse_answer(q["type"], q["answer"]) == q["expected"]
+            assert phrasing_of(q["question"]) == (q["type"], q["phrasing"])  # the phrasing set is recorded
+            assert answer_correct(q["type"], q["answer"], q["expected"]) is True  # names it, and no other
             _check_truth(q, objects)
 
 
 def _check_truth(q: dict, objects: list[dict]) -> None:
+    """The expected answer is right for the drawn objects, whatever the question's wording."""
+    words = tokens(q["question"])
     if q["type"] == "color":
-        shape = re.fullmatch(r"What color is the (\w+)\?", q["question"]).group(1)
-        assert [o["color"] for o in objects if o["shape"] == shape] == [q["expected"]]
+        named = [s for s in SHAPES if s in words]
+        asked = [o for o in objects if o["shape"] in named] if named else objects
+        assert [o["color"] for o in asked] == [q["expected"]]
     elif q["type"] == "shape":
-        color = re.fullmatch(r"What shape is the (\w+) object\?", q["question"]).group(1)
-        assert [o["shape"] for o in objects if o["color"] == color] == [q["expected"]]
-        assert q["answer"] == f"It is a {q['expected']}."
+        named = [c for c in COLORS if c in words]  # none in "What shape is it?" (one-shape images only)
+        asked = [o for o in objects if o["color"] in named] if named else objects
+        assert [o["shape"] for o in asked] == [q["expected"]]
     elif q["type"] == "count":
         assert q["expected"] == {1: "one", 2: "two"}[len(objects)]
-        assert q["answer"] == ("There is one shape." if len(objects) == 1 else "There are two shapes.")
+    elif q["type"] == "describe":
+        assert described_objects(q["answer"]) == Counter((o["color"], o["shape"]) for o in objects)
+    elif q["type"] == "exists":
+        color, shape = next(c for c in COLORS if c in words), next(s for s in SHAPES if s in words)
+        drawn = {(o["color"], o["shape"]) for o in objects}
+        assert q["expected"] == ("yes" if (color, shape) in drawn else "no")
+        assert color in {c for c, _ in drawn} or shape in {s for _, s in drawn}  # a "no" is plausible
     else:
-        assert q["answer"] == q["expected"][0].upper() + q["expected"][1:] + "."
-        assert all(f"{o['color']} {o['shape']}" in q["expected"] for o in objects)
+        _check_side(q, objects)
+
+
+def _check_side(q: dict, objects: list[dict]) -> None:
+    left, right = sorted(objects, key=lambda o: o["center"][0])
+    assert right["center"][0] - left["center"][0] >= SIDE_MIN_DX
+    side = "left" if "left" in q["question"] or "leftmost" in q["question"] else "right"
+    assert q["expected"] == (left if side == "left" else right)["color"]
+
+
+def test_left_and_right_are_the_shapes_by_centre_x() -> None:
+    asked = 0
+    for index in range(120):
+        sample = sample_image(5, "val", index)
+        for q in (q for conv in sample.conversations for q in conv if q.type == "side"):
+            left, right = sorted(sample.objects, key=lambda o: o.cx)
+            pixels = render(sample).load()
+            side = left if re.search(r"\bleft(most)?\b", q.question) else right
+            assert pixels[side.cx, side.cy] == COLORS[q.expected] and q.expected == side.color
+            assert answer_correct("side", q.answer, q.expected) and side.color in tokens(q.answer)
+            asked += 1
+    assert asked > 20
+
+
+def test_every_type_has_many_wordings_and_the_design_forms_are_seen() -> None:
+    assert set(PHRASINGS) == {"color", "shape", "count", "describe", "exists", "side"}
+    for qtype, sets in PHRASINGS.items():
+        assert len(sets["seen"]) >= 8 and 2 <= len(sets["held_out"]) <= 3, qtype
+        assert not set(sets["seen"]) & set(sets["held_out"])
+    design = {"color": "What color is {thing}?", "shape": "What shape is {thing}?",
+              "count": "How many shapes are there?", "describe": "Describe the image."}
+    for qtype, form in design.items():
+        assert PHRASINGS[qtype]["seen"][0] == form
+    assert phrasing_of("What color is the circle?") == ("color", "seen")
+    assert phrasing_of("What shape is the red object?") == ("shape", "seen")
+    assert phrasing_of("  what colour   IS the square? ") == ("color", "seen")
+    assert phrasing_of("name the color of the circle.") == ("color", "held_out")  # Whisper's spelling, no capital
+    assert phrasing_of("Which color does the circle have?") == ("color", "held_out")  # the demo's spoken question
+    assert phrasing_of("What is the capital of France?") is None
+
+
+def test_held_out_wordings_never_appear_in_training_and_val_asks_both(tmp_path: Path) -> None:
+    write_shapes_dataset(tmp_path, 150, 60, seed=3)
+    seen = {"train": Counter(), "val": Counter()}
+    for split, name in (("train", "llava_instruct.json"), ("val", "llava_instruct_val.json")):
+        for conv in read_llava_instruct(tmp_path / name):
+            for turn in conv.turns[::2]:
+                qtype, which = phrasing_of(turn.text)
+                seen[split][qtype, which] += 1
+    assert {which for _, which in seen["train"]} == {"seen"}
+    for qtype in PHRASINGS:
+        assert seen["train"][qtype, "seen"] > 0
+        assert seen["val"][qtype, "seen"] > 0 and seen["val"][qtype, "held_out"] > 0, qtype
+    train_questions = {q.question for t in read_shapes_meta(tmp_path / "shapes_meta.json") if t.split == "train"
+                       for q in t.questions}
+    assert all(phrasing_of(q)[1] == "seen" for q in train_questions)
+
+
+def test_wordings_answers_and_first_turns_are_varied_and_yes_no_is_balanced() -> None:
+    samples = [sample_image(0, "train", i) for i in range(300)]
+    questions = [q for s in samples for conv in s.conversations for q in conv]
+    for qtype in PHRASINGS:
+        asked = [q for q in questions if q.type == qtype]
+        assert len({q.question for q in asked}) >= 8 and len({q.answer for q in asked}) >= 4, qtype
+    first = Counter(conv[0].type for s in samples for conv in s.conversations)
+    assert set(first) == set(PHRASINGS) and min(first.values()) > 15
+    answers = Counter(q.expected for q in questions if q.type == "exists")
+    assert abs(answers["yes"] - answers["no"]) < 0.15 * len(samples)
 
 
 def test_read_shapes_meta_round_trips(dataset: Path) -> None:
@@ -203,6 +286,7 @@ def test_read_shapes_meta_round_trips(dataset: Path) -> None:
     truth = next(t for t in truths if t.image_id == sample.image_id)
     assert truth.objects == sample.objects
     assert [q.question for q in truth.questions] == [q.question for c in sample.conversations for q in c]
+    assert [q.phrasing for q in truth.questions] == [q.phrasing for c in sample.conversations for q in c]
 
 
 def test_parse_answer() -> None:
@@ -212,6 +296,8 @@ def test_parse_answer() -> None:
     assert parse_answer("count", "There are 2 shapes.") == "two"
     assert parse_answer("count", "There is one shape.") == "one"
     assert parse_answer("color", "I cannot tell.") is None
+    assert parse_answer("side", "The left shape is purple.") == "purple"
+    assert parse_answer("exists", "No, there is no red circle.") == "no"
     assert parse_answer("describe", "A red circle. ") == "a red circle"
     with pytest.raises(ValueError, match="unknown question type"):
         parse_answer("size", "big")

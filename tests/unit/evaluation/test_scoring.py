@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from trimodal.data.shapes import ShapeObject, questions_for
+from trimodal.data.shapes import ANSWERS, COLORS, PHRASINGS, SHAPES, ShapeObject, phrasing_of, questions_for
 from trimodal.evaluation.scoring import (
     answer_correct,
     described_objects,
@@ -43,6 +43,11 @@ RIGHT = [
     ("describe", "An image showing a red circle and a blue square on a light background.",
      "A red circle and a blue square."),
     ("describe", "A green square.", "A green square."),
+    ("side", "It is purple.", "The shape on the left is purple."),
+    ("side", "The red one.", "Red."),
+    ("exists", "Yes.", "Yes, there is a red circle."),
+    ("exists", "No, there is no blue square.", "No."),
+    ("exists", "no", "No, I cannot see a blue square."),
 ]
 
 WRONG_NOW = [  # right for the lenient scorer, wrong for the strict one
@@ -59,6 +64,9 @@ WRONG_NOW = [  # right for the lenient scorer, wrong for the strict one
     ("describe", "A red and blue circle and square.", "A red circle and a blue square."),
     ("describe", "A red circle and a red circle.", "A red circle."),
     ("describe", "A circle that is red.", "A red circle."),
+    ("side", "red or blue", "The left shape is red."),
+    ("side", "The left shape is blue, the right one is red.", "The left shape is red."),
+    ("exists", "Yes, or no.", "Yes, there is a red circle."),
 ]
 
 WRONG_BOTH = [
@@ -72,6 +80,9 @@ WRONG_BOTH = [
     ("describe", "An orange triangle.", "A yellow circle and an orange triangle."),
     ("describe", "A blue circle.", "A red circle."),
     ("describe", "Two red circles.", "A red circle."),
+    ("side", "It is green.", "The shape on the right is red."),
+    ("exists", "Yes, there is a red circle.", "No, there is no red circle."),
+    ("exists", "There is a red circle.", "Yes, there is a red circle."),  # no yes or no: not an answer
 ]
 
 
@@ -124,6 +135,79 @@ def test_the_shapes_set_questions_are_typed_and_their_own_answers_score_right(ki
         assert answer_correct(q.type, q.expected, q.answer) is True  # the bare keyword or caption is enough
 
 
+SLOT_EXAMPLES = {"thing": ("the circle", "the shape", "the object", "the red object", "the blue shape",
+                           "the orange one"),
+                 "item": ("a red circle", "an orange square"), "side": ("left", "right")}
+
+
+def _examples(template: str) -> list[str]:
+    """The template filled with every example of its slot (at most one slot per template)."""
+    for slot, fills in SLOT_EXAMPLES.items():
+        if "{" + slot + "}" in template:
+            return [template.format(**{slot: fill}) for fill in fills]
+    return [template]
+
+
+def _typed_example(qtype: str, text: str) -> bool:
+    """Colour questions name a shape or 'the shape/object', shape questions a coloured object."""
+    if qtype == "color":
+        return not any(c in text for c in COLORS)
+    if qtype == "shape":
+        return any(c in text for c in COLORS)
+    return True
+
+
+@pytest.mark.parametrize("qtype", list(PHRASINGS))
+def test_every_wording_of_every_type_is_typed_and_its_phrasing_set_known(qtype):
+    for which, templates in PHRASINGS[qtype].items():
+        for template in templates:
+            for text in (t for t in _examples(template) if _typed_example(qtype, t)):
+                assert question_type(text) == qtype, text
+                assert question_type(text.lower()) == qtype, text
+                assert phrasing_of(text) == (qtype, which), text
+
+
+ANSWER_CASES = {  # ANSWERS key -> (words to fill its templates with, a reference answer)
+    "color": ({"Thing": "The circle", "color": "red", "Color": "Red"}, "The circle is red."),
+    "shape": ({"Thing": "The red object", "shape": "circle"}, "It is a circle."),
+    "count": ({"is": "are", "n": "two", "N": "Two", "shapes": "shapes", "objects": "objects"},
+              "There are two shapes."),
+    "describe": ({"caption": "a red circle and a blue square", "Caption": "A red circle and a blue square"},
+                 "A red circle and a blue square."),
+    "yes": ({"item": "a red circle", "color": "red", "shape": "circle"}, "Yes, there is a red circle."),
+    "no": ({"item": "a red circle", "color": "red", "shape": "circle"}, "No, there is no red circle."),
+    "side": ({"side": "left", "color": "red", "Color": "Red", "shape": "circle"}, "The left shape is red."),
+}
+
+
+@pytest.mark.parametrize("kind", list(ANSWERS))
+def test_every_answer_wording_scores_right_and_listing_every_colour_scores_wrong(kind):
+    words, reference = ANSWER_CASES[kind]
+    qtype = {"yes": "exists", "no": "exists"}.get(kind, kind)
+    for template in ANSWERS[kind]:
+        assert answer_correct(qtype, template.format(**words), reference) is True, template
+    if qtype in ("color", "side"):
+        assert answer_correct(qtype, "It is " + ", ".join(COLORS) + ".", reference) is False
+    if qtype == "shape":
+        assert answer_correct(qtype, "It is a " + " or a ".join(SHAPES) + ".", reference) is False
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_generated_questions_of_every_type_score_their_own_answers_and_not_all_colours(seed):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    kinds = [[("red", "circle")], [("yellow", "circle"), ("orange", "triangle")],
+             [("blue", "triangle"), ("green", "triangle")]]
+    for held_out in (0.0, 1.0):
+        for k in kinds:
+            for q in questions_for(_objects(*k), rng, held_out):
+                assert question_type(q.question) == q.type and phrasing_of(q.question) == (q.type, q.phrasing)
+                assert answer_correct(q.type, q.answer, q.answer) is True
+                if q.type in ("color", "side"):
+                    assert answer_correct(q.type, " ".join(COLORS), q.answer) is False
+
+
 def test_question_type_of_the_four_templates_and_other_questions():
     assert question_type("What color is the circle?") == "color"
     assert question_type("what colour is the square?") == "color"
@@ -131,6 +215,9 @@ def test_question_type_of_the_four_templates_and_other_questions():
     assert question_type("How many shapes are there?") == "count"
     assert question_type("Describe the image.") == "describe"
     assert question_type("What is the capital of France?") == "other"
+    assert question_type("Which colour is the big shape on the left?") == "side"  # open patterns, no wording
+    assert question_type("What color is the tiny circle?") == "color"
+    assert question_type("Is there a pink star?") == "exists"
 
 
 def _rows() -> list[dict]:

@@ -175,6 +175,15 @@ def test_whisper_base_batch_matches_single(base_speech):
 
 
 @pytest.mark.slow
+def test_whisper_base_transcribes_the_demo_question_exactly(base_speech):
+    from trimodal.data.shapes import phrasing_of
+
+    text = base_speech.transcribe(decode_audio(DATA.parents[1] / "assets" / "what_color.wav"))
+    assert text == "Which color does the circle have?"
+    assert phrasing_of(text) == ("color", "held_out")  # a wording the model never saw in training
+
+
+@pytest.mark.slow
 def test_whisper_base_transcribes_a_long_clip_whole(base_speech):
     fox, pause = decode_audio(DATA / "fox.wav"), np.zeros(SR // 2, np.float32)
     clip = np.concatenate([np.concatenate([fox, pause]) for _ in range(8)])
