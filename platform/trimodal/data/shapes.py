@@ -1,4 +1,4 @@
-"""The synthetic "shapes" set: the embedded default's training and held-out data (DESIGN.md section 5).
+"""The synthetic "shapes" set: the embedded default's training and held-out data. Written in the COCO-captions and LLaVA-Instruct formats, so the same code path reads it.
 
 Each 224x224 RGB image shows one or two non-overlapping shapes (circle, square, triangle) in six saturated
 colours on a plain light background. The set is written in the COCO captions and LLaVA-Instruct formats so the
@@ -105,7 +105,7 @@ PHRASINGS: dict[str, dict[str, tuple[str, ...]]] = {
 """Question wordings per type and phrasing set. {thing}: the object asked about ('the circle'; in a one-object image
 also 'the shape' or 'the object'; for `shape`, 'the red object' / 'the red shape' / 'the red one'); a colour or shape
 wording without {thing} ('What color is it?') is asked about one-object images only. {item}: 'a red circle'.
-{side}: left or right. The first seen wording of the first four types is the DESIGN's form."""
+{side}: left or right. The first seen wording of the first four types is the set's original wording ("What color is the {shape}?", ...)."""
 ANSWERS: dict[str, tuple[str, ...]] = {
     "color": ("{Thing} is {color}.", "It is {color}.", "It's {color}.", "{Color}.", "The color is {color}.",
               "{Thing} is colored {color}."),
@@ -587,7 +587,7 @@ def read_shapes_meta(path: str | Path) -> list[ImageTruth]:
         )
         questions = tuple(
             QuestionTruth(q["conversation_id"], q["turn"], q["type"], q["question"], q["answer"], q["expected"],
-                          q.get("phrasing", "seen"))  # version 1 files asked the DESIGN's (seen) forms only
+                          q.get("phrasing", "seen"))  # version 1 files asked the four original (seen) wordings only
             for q in img["questions"]
         )
         out.append(ImageTruth(img["image_id"], img["file_name"], img["split"], objects, questions))
