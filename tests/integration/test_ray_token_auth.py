@@ -2,8 +2,9 @@
 
 Starts its own head exactly as `make demo` and `make jobs` do (`scripts/local_head.py start`: it creates the token
 when missing, owner-only, and starts `ray start --head` with token auth on and every port on 127.0.0.1), with a fresh
-HOME (so the script makes a private ~/.ray/auth_token), private ports and its own --temp-dir, so it never touches
-another Ray on the machine; it is stopped the way `make demo-stop` stops it, then any survivor is killed.
+HOME (so the script makes a private ~/.ray/auth_token) and free GCS and dashboard ports; everything else is the
+script's default (its own temp dir /tmp/ray-PORT, free agent and client ports), so it never touches another Ray on the
+machine. It is stopped the way `make demo-stop` stops it, then any survivor is killed.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).with_name("ray")
 LOCAL_HEAD = Path(__file__).resolve().parents[2] / "scripts" / "local_head.py"
-PORT_FLAGS = ("--port", "--dashboard-port", "--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
-              "--ray-client-server-port", "--runtime-env-agent-port", "--metrics-export-port",
-              "--node-manager-port", "--object-manager-port")
 
 
 def free_ports(n: int) -> list[int]:
@@ -96,8 +94,8 @@ def stop_processes_of(temp_dir: Path, gcs_port: int, timeout: float = 15.0) -> i
 class Head:
     """A running token-authenticated head."""
 
-    dashboard: str
-    """Job API / dashboard URL on 127.0.0.1."""
+    gcs_port: int
+    dashboard_port: int
     home: Path
     """HOME holding the head's ~/.ray/auth_token."""
     token: str
@@ -105,36 +103,57 @@ class Head:
     outsider_home: Path
     """An empty HOME: no token anywhere."""
 
+    @property
+    def dashboard(self) -> str:
+        """Job API / dashboard URL on 127.0.0.1."""
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
 
 @pytest.fixture(scope="module")
 def token_head():
     if not RAY.exists():
         pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
     pytest.importorskip("psutil")
-    root = Path(tempfile.mkdtemp(prefix="rtok", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    root = Path(tempfile.mkdtemp(prefix="rtok", dir="/tmp"))
     home, outsider = root / "home", root / "outsider"
     home.mkdir()
     outsider.mkdir()
     env = clean_env(home, RAY_AUTH_MODE="token")
-    ports = free_ports(len(PORT_FLAGS))
+    gcs = 0
     try:
-        start = [sys.executable, str(LOCAL_HEAD), "start", f"--port={ports[0]}", f"--dashboard-port={ports[1]}", "--",
-                 f"--temp-dir={root / 'ray'}", *(f"{flag}={port}" for flag, port in zip(PORT_FLAGS[2:], ports[2:]))]
-        started = subprocess.run(start, env=env, cwd=root, capture_output=True, text=True, timeout=300)
-        if started.returncode != 0:
-            pytest.fail(f"local_head.py start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+        gcs, dashboard, started = start_default_head(home)
         token_file = home / ".ray" / "auth_token"
         assert stat.S_IMODE(token_file.stat().st_mode) == 0o600, "the token must be readable by its owner only"
         token = token_file.read_text().strip()
         assert token not in started.stdout + started.stderr, "the token must never be printed"
-        yield Head(f"http://127.0.0.1:{ports[1]}", home, token, outsider)
-        stopped = subprocess.run([sys.executable, str(LOCAL_HEAD), "stop", f"--port={ports[0]}"], env=env, cwd=root,
+        yield Head(gcs, dashboard, home, token, outsider)
+        stopped = subprocess.run([sys.executable, str(LOCAL_HEAD), "stop", f"--port={gcs}"], env=env, cwd=root,
                                  capture_output=True, text=True, timeout=120)
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     finally:
-        stop_processes_of(root, gcs_port=ports[0])
+        survivors = stop_default_head(gcs) if gcs else 0
         shutil.rmtree(root, ignore_errors=True)
-        assert stop_processes_of(root, gcs_port=ports[0], timeout=1) == 0, "processes of the test head survived"
+    assert survivors == 0, "processes of the test head survived `local_head.py stop`"
+
+
+def start_default_head(home: Path) -> tuple[int, int, subprocess.CompletedProcess]:
+    """A head started by `local_head.py start` with only its two ports given (every other setting its default)."""
+    gcs, dashboard = free_ports(2)
+    started = subprocess.run([sys.executable, str(LOCAL_HEAD), "start", f"--port={gcs}", f"--dashboard-port={dashboard}"],
+                             env=clean_env(home, RAY_AUTH_MODE="token"), cwd=home, capture_output=True, text=True,
+                             timeout=300)
+    if started.returncode != 0:
+        stop_default_head(gcs)
+        pytest.fail(f"local_head.py start failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
+    return gcs, dashboard, started
+
+
+def stop_default_head(gcs: int) -> int:
+    """Kill whatever is left of a default head on `gcs` and remove its temp dir; returns how many processes were."""
+    temp = Path(tempfile.gettempdir()) / f"ray-{gcs}"
+    left = stop_processes_of(temp, gcs_port=gcs, timeout=5)
+    shutil.rmtree(temp, ignore_errors=True)
+    return left
 
 
 def submit(head: Head, home: Path, **env: str) -> subprocess.CompletedProcess:
@@ -184,15 +203,6 @@ def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
     assert jobs[0]["entrypoint"] == "echo hi" and jobs[0]["status"] == "SUCCEEDED"
 
 
-def start_default_head(home: Path) -> tuple[int, int]:
-    """A head started by `local_head.py start` with only its two ports given (every other setting its default)."""
-    gcs, dashboard = free_ports(2)
-    started = subprocess.run([sys.executable, str(LOCAL_HEAD), "start", f"--port={gcs}", f"--dashboard-port={dashboard}"],
-                             env=clean_env(home, RAY_AUTH_MODE="token"), cwd=home, capture_output=True, text=True,
-                             timeout=300)
-    assert started.returncode == 0, (started.stdout + started.stderr)[-3000:]
-    return gcs, dashboard
-
 
 def job_sees_address(dashboard: int, home: Path) -> str:
     """The RAY_ADDRESS a job submitted to the head on `dashboard` is given by Ray's job supervisor."""
@@ -205,18 +215,15 @@ def job_sees_address(dashboard: int, home: Path) -> str:
 
 
 def test_two_default_heads_side_by_side_each_run_their_own_jobs(token_head):
-    """Two heads started with local_head.py's defaults: both accept jobs, and each job is told its own cluster.
-    With Ray's defaults the second head had no job agent (the fixed agent port), and a job of the first was given
-    the second's address (Ray's job supervisor picks the cluster started last under a shared temp dir)."""
-    first = second = (0, 0)
+    """A second head started with local_head.py's defaults beside the fixture's: both accept jobs, and each job is
+    told its own cluster. With Ray's defaults the second head had no job agent (the fixed agent port), and a job of
+    the first was given the second's address (Ray's job supervisor picks the cluster started last under a shared
+    temp dir)."""
+    second = 0
     try:
-        first = start_default_head(token_head.home)
-        second = start_default_head(token_head.home)
-        assert job_sees_address(first[1], token_head.home) == f"127.0.0.1:{first[0]}"
-        assert job_sees_address(second[1], token_head.home) == f"127.0.0.1:{second[0]}"
+        second, second_dashboard, _ = start_default_head(token_head.home)
+        assert job_sees_address(token_head.dashboard_port, token_head.home) == f"127.0.0.1:{token_head.gcs_port}"
+        assert job_sees_address(second_dashboard, token_head.home) == f"127.0.0.1:{second}"
     finally:
-        for gcs, _ in (first, second):
-            if gcs:
-                temp = Path(tempfile.gettempdir()) / f"ray-{gcs}"
-                stop_processes_of(temp, gcs_port=gcs)
-                shutil.rmtree(temp, ignore_errors=True)
+        if second:
+            stop_default_head(second)
