@@ -148,7 +148,10 @@ def start(port: int, dashboard_port: int, extra: list[str]) -> None:
     cmd = [str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
            "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", f"--num-cpus={os.cpu_count()}",
            "--disable-usage-stats", *own_defaults(port, extra), *extra]
-    started = subprocess.run(cmd, env=os.environ | HEAD_ENV, capture_output=True, text=True, timeout=300)
+    # Every process of the head inherits RAY_ADDRESS: Ray internals that look a cluster up with "auto" (Ray Train's
+    # placement-group cleaner, the job supervisor) then find this head, not the one last started under /tmp/ray.
+    head_env = os.environ | HEAD_ENV | {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+    started = subprocess.run(cmd, env=head_env, capture_output=True, text=True, timeout=300)
     if started.returncode != 0:
         tail = "\n".join((started.stdout + started.stderr).strip().splitlines()[-15:])
         raise HeadError(f"`ray start` failed:\n{tail}")

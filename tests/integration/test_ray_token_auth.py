@@ -204,26 +204,36 @@ def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
 
 
 
-def job_sees_address(dashboard: int, home: Path) -> str:
-    """The RAY_ADDRESS a job submitted to the head on `dashboard` is given by Ray's job supervisor."""
-    code = "import os; print('address=' + os.environ['RAY_ADDRESS'])"
+WHICH_CLUSTER = """
+import os, ray
+ray.init()
+worker = ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote())
+print("addresses=" + os.environ["RAY_ADDRESS"] + "," + str(worker))
+"""
+"""A job that prints the cluster address its driver is given and the one a worker process of the cluster sees
+(what Ray internals such as Ray Train's placement-group cleaner resolve "auto" with)."""
+
+
+def job_sees_address(dashboard: int, home: Path) -> list[str]:
+    """[driver's RAY_ADDRESS, a worker's RAY_ADDRESS] of a job submitted to the head on `dashboard`."""
     result = subprocess.run([str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
-                             sys.executable, "-c", code], env=clean_env(home, RAY_AUTH_MODE="token"), cwd=home,
-                            capture_output=True, text=True, timeout=180)
+                             sys.executable, "-c", WHICH_CLUSTER], env=clean_env(home, RAY_AUTH_MODE="token"),
+                            cwd=home, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    return next(line.split("=", 1)[1] for line in result.stdout.splitlines() if line.startswith("address="))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("addresses="))
+    return line.split("=", 1)[1].split(",")
 
 
 def test_two_default_heads_side_by_side_each_run_their_own_jobs(token_head):
-    """A second head started with local_head.py's defaults beside the fixture's: both accept jobs, and each job is
-    told its own cluster. With Ray's defaults the second head had no job agent (the fixed agent port), and a job of
+    """A second head started with local_head.py's defaults beside the fixture's: both accept jobs, and each job's
+    driver and worker processes are told their own cluster. With Ray's defaults the second head had no job agent (the fixed agent port), and a job of
     the first was given the second's address (Ray's job supervisor picks the cluster started last under a shared
     temp dir)."""
     second = 0
     try:
         second, second_dashboard, _ = start_default_head(token_head.home)
-        assert job_sees_address(token_head.dashboard_port, token_head.home) == f"127.0.0.1:{token_head.gcs_port}"
-        assert job_sees_address(second_dashboard, token_head.home) == f"127.0.0.1:{second}"
+        assert job_sees_address(token_head.dashboard_port, token_head.home) == [f"127.0.0.1:{token_head.gcs_port}"] * 2
+        assert job_sees_address(second_dashboard, token_head.home) == [f"127.0.0.1:{second}"] * 2
     finally:
         if second:
             stop_default_head(second)
