@@ -104,23 +104,40 @@ def check_cluster_address(address: str, timeout_s: float = 5.0) -> None:
 
 
 def init_ray(address: str | None = None) -> float:
-    """Attach to `address`, else to RAY_ADDRESS (set by `ray job submit`) or the cluster `ray start` left running;
-    with none of those (or address "local"), start a local instance bound to 127.0.0.1. Returns the cluster's CPUs."""
+    """Attach to `address`, else to RAY_ADDRESS (set by `ray job submit`) or the cluster `ray start` left running
+    (if it still answers); with none of those (or address "local"), start a local instance bound to 127.0.0.1.
+    Returns the cluster's CPUs."""
     import ray
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address is None:
-            try:
-                ray.init(address="auto")
-            except ConnectionError:
-                address = "local"
+        address = address or os.environ.get("RAY_ADDRESS") or recorded_cluster() or "local"
         if address == "local":
             start_local_ray()
-        elif address is not None:
+        else:
             check_cluster_address(address)
             ray.init(address=address)
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def recorded_cluster() -> str | None:
+    """The cluster `ray start` recorded last on this machine (what ray.init("auto") would join), if it answers.
+
+    Ray records it in <temp dir>/ray/ray_current_cluster and does not remove the record when that cluster dies
+    without `ray stop`; ray.init("auto") then waits minutes for the dead GCS. A record that does not answer a TCP
+    connection in 2 s is reported in one line and ignored.
+    """
+    from ray._private.services import find_bootstrap_address
+
+    address = find_bootstrap_address(None)
+    if not address:
+        return None
+    try:
+        check_cluster_address(address, timeout_s=2.0)
+    except ClusterUnreachableError:
+        print(f"[ray] the cluster last started on this machine ({address}) no longer answers; starting a local Ray",
+              file=sys.stderr)
+        return None
+    return address
 
 
 def start_local_ray() -> None:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import venv
 from pathlib import Path
 
@@ -159,3 +161,31 @@ def test_a_job_without_a_cluster_starts_a_local_ray_on_loopback_only(tmp_path):
     rows = [line.split() for line in result.stdout.splitlines() if line.strip()]
     assert len(rows) >= 3, result.stdout  # GCS, raylet, agents at least
     assert not [r for r in rows if not r[0].startswith(("127.", "::ffff:127.", "::1"))], rows
+
+
+JOIN_OR_START = """
+import ray
+from trimodal.cli import init_ray
+print("cpus", init_ray())
+ray.shutdown()
+"""
+
+
+def test_a_stale_record_of_a_dead_cluster_is_reported_in_one_line_and_a_local_ray_starts():
+    """Ray keeps <temp dir>/ray/ray_current_cluster after its cluster dies without `ray stop`; ray.init("auto")
+    then waits minutes for the dead GCS. A job without RAY_ADDRESS says so in one line and starts a local Ray."""
+    temp = Path(tempfile.mkdtemp(prefix="rs", dir="/tmp"))  # short: Ray's socket paths must stay < 108 chars
+    try:
+        (temp / "ray").mkdir()
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = f"127.0.0.1:{s.getsockname()[1]}"  # nothing listens there once the socket is closed
+        (temp / "ray" / "ray_current_cluster").write_text(dead)
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
+        result = subprocess.run([sys.executable, "-c", JOIN_OR_START], cwd=temp, env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"the cluster last started on this machine ({dead}) no longer answers" in result.stderr
+        assert "cpus" in result.stdout
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
