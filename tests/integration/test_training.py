@@ -207,3 +207,26 @@ def test_stage0_beats_the_same_seed_random_tower_and_loads_as_clip_vision_model(
     assert tower(pixel_values=pixels).last_hidden_state.shape == (2, 17, 32)
     assert not torch.equal(tower.get_input_embeddings().weight,  # the patch embedding trained too
                            untrained.vision_model.embeddings.patch_embedding.weight)
+
+
+def test_ordered_execution_keeps_the_input_order_when_an_early_block_is_slow(ray_local):
+    """Stage 0 materialises its decoded images inside `ordered_execution`: a block whose task finishes late still
+    comes in its input place (without it, Ray Data puts finished blocks first, so a busy machine changed the first
+    batch), and the setting is restored afterwards."""
+    import time
+
+    import ray.data
+
+    from trimodal.data.readers import ordered_execution
+
+    def slow_second_block(batch: dict) -> dict:
+        if batch["id"][0] == 10:
+            time.sleep(2.0)
+        return batch
+
+    before = ray.data.DataContext.get_current().execution_options.preserve_order
+    with ordered_execution():
+        ds = ray.data.range(40, override_num_blocks=4).map_batches(slow_second_block, batch_size=None)
+        ids = [int(row["id"]) for row in ds.materialize().iter_rows()]
+    assert ids == list(range(40))
+    assert ray.data.DataContext.get_current().execution_options.preserve_order is before

@@ -15,6 +15,8 @@ nulls into numpy batches; `read_rows` returns them with the other conversation r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,20 @@ TABLES = ("images", "captions", "conversations")
 
 class DataDirError(ValueError):
     """A preprocessed directory is missing, unfinished or from an incompatible version."""
+
+
+@contextmanager
+def ordered_execution() -> Iterator[None]:
+    """Ray Data datasets executed inside keep their input order. By default a block whose task finishes first
+    comes first, so on a busy machine the same input reaches training in another order (another first batch)."""
+    import ray.data
+
+    options = ray.data.DataContext.get_current().execution_options
+    saved, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = saved
 
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from transformers import CLIPModel, PreTrainedTokenizerFast
 
 from trimodal.config import TrimodalConfig, config_from_dict
 from trimodal.data.formats import read_coco_captions
+from trimodal.data.readers import ordered_execution
 from trimodal.files import publish_dir
 from trimodal.models.vision import build_random_clip, normalise_pixels, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
@@ -265,7 +266,9 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
     tok_dir = out_dir / "tokenizer"
     tokenizer.save_pretrained(tok_dir)
     decode = DecodeImages(cfg.model.vision.image_size)
-    train_ds = ray.data.from_items(train_rows, override_num_blocks=8).map_batches(decode, batch_size=64).materialize()
+    with ordered_execution():  # the same blocks in the same order, so the same batches, however busy the machine
+        train_ds = ray.data.from_items(train_rows, override_num_blocks=8).map_batches(decode, batch_size=64)
+        train_ds = train_ds.materialize()
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True
     trainer = TorchTrainer(

@@ -18,6 +18,7 @@ from trimodal.data.preprocess.parquet import (TARGET_FILE_BYTES, TARGET_GROUP_BY
                                               rows_per_group)
 from trimodal.data.preprocess.pipeline import PipelineOptions, embedding_pipeline
 from trimodal.data.preprocess.plan import Log, Plan
+from trimodal.data.readers import ordered_execution
 
 
 @dataclass
@@ -84,20 +85,13 @@ def write_images(ds: "ray.data.Dataset", directory: Path, schema: pa.Schema, tot
 def encode_images(plan: Plan, vision: VisionConfig, directory: str | None, out: Path, options: PipelineOptions,
                   info: Any, log: Log) -> ImagePass:
     """The image pass: Ray Data pipeline -> OUT/images (order preserved so re-runs give identical files)."""
-    import ray.data
-
     schema = image_schema(info.num_patches, info.hidden_size)
     if not plan.images:
         ParquetSink(out / "images", schema, rows_per_group=1).close()
         return ImagePass()
-    ctx = ray.data.DataContext.get_current()
-    saved = ctx.execution_options.preserve_order
-    ctx.execution_options.preserve_order = True
-    try:
+    with ordered_execution():
         ds = embedding_pipeline(plan.images, vision, directory, info.image_size, options)
         result = write_images(ds, out / "images", schema, len(plan.images), options, log)
-    finally:
-        ctx.execution_options.preserve_order = saved
     if not result.in_order:
         log("warning: image rows arrived out of image_id order; the table is complete but not sorted")
     return result
