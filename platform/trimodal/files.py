@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,10 +31,10 @@ def publish_dir(target: Path) -> Iterator[Path]:
     `target` is untouched."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=scratch_name(target), dir=target.parent))
+    scratch = target.with_name(f"{scratch_name(target)}{uuid.uuid4().hex}")
+    scratch.mkdir()  # a plain mkdir: the folder gets the process umask's mode, as target would
     try:
         yield scratch
-        scratch.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the folder gets a plain mkdir's mode
         if target.exists():
             shutil.rmtree(target)
         scratch.rename(target)
@@ -54,13 +54,6 @@ def publish_file(target: Path) -> Iterator[Path]:
         os.replace(scratch, target)
     finally:
         scratch.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """The process umask (reading it means setting it, so it is set straight back)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def write_bytes_atomic(target: Path, data: bytes) -> bool:
