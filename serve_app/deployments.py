@@ -1,10 +1,14 @@
 """The serving graph's model deployments as plain classes: Speech (Whisper), Vision (CLIP tower + projector) and
-LanguageModel (LM + the run's LoRA adapter). No Ray import: `serve_app.app` turns them into Serve deployments.
+LanguageModel (LM + the run's LoRA adapter). No Serve here: `serve_app.app` turns them into Serve deployments;
+their metrics (`serve_app.metrics`) go through Ray Serve's metrics API, a no-op outside a replica.
 
 Each class names its batchable methods in `BATCHED` ({single-item method: list method}). Plain, the single
 method runs a batch of one; the builder routes it through `serve.batch` instead, so concurrent calls share one
 forward pass. The LanguageModel decodes a batch with the KV cache in a worker thread and streams per-step
 deltas; a caller that goes away (client disconnect) marks its row cancelled and the decoder drops it.
+
+Speech and Vision keep what they encoded in a per-replica `MediaCache` (bounded by serving.media_cache_mb), so a
+conversation that resends its audio and image each turn runs Whisper and CLIP once.
 
 `describe()` answers what is loaded, naming sources and towers without server paths; the ingress's /readyz asks it
 of every deployment.
@@ -13,6 +17,7 @@ of every deployment.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,7 +31,10 @@ from PIL import Image
 
 from trimodal.config import ModelSource, TrimodalConfig
 from trimodal.inference.engine import Delta, Prompt, TextGenerator, tokenize_prompt
+from trimodal.inference.media_cache import MediaCache, array_size, audio_key, image_key, text_size
 from trimodal.inference.requests import GenerationRequest, SamplingParams
+
+from serve_app.metrics import EncoderMetrics, LanguageModelMetrics
 
 log = logging.getLogger("trimodal.serve")
 
@@ -48,6 +56,11 @@ def source_label(source: ModelSource) -> str:
     return f"{source.kind}:{public_name(source.name)}"
 
 
+def megabytes(mb: float) -> int:
+    """Bytes in `mb` megabytes (MiB)."""
+    return int(mb * 1024 * 1024)
+
+
 async def run_batch_of_one(batch_method, item) -> Any:
     """Call a list method with one item and unwrap its single result."""
     return (await batch_method([item]))[0]
@@ -64,6 +77,8 @@ class Speech:
         set_threads(threads)
         self.source = cfg.model.speech.source
         self.transcriber = load_transcriber(cfg.model.speech, device)
+        self.cache = MediaCache(megabytes(cfg.serving.media_cache_mb))
+        self.metrics = EncoderMetrics("audio")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech")
 
     async def transcribe(self, audio: np.ndarray) -> str:
@@ -71,12 +86,28 @@ class Speech:
         return await run_batch_of_one(self.transcribe_batch, audio)
 
     async def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
-        """Transcripts of several clips, decoded together."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.transcriber.transcribe_batch, audios)
+        """Transcripts of several clips: cached ones from the cache, the rest decoded together."""
+        keys = [audio_key(audio) for audio in audios]
+        texts = [self.cache.get(key) for key in keys]
+        missing = [i for i, text in enumerate(texts) if text is None]
+        self.metrics.lookups(len(audios) - len(missing), len(missing))
+        if missing:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            fresh = await loop.run_in_executor(self._executor, self.transcriber.transcribe_batch,
+                                               [audios[i] for i in missing])
+            self.metrics.encoded(time.perf_counter() - started)
+            for i, text in zip(missing, fresh, strict=True):
+                texts[i] = text
+                self.cache.put(keys[i], text, text_size(text))
+        return texts
 
     def describe(self) -> dict:
         return {"speech": source_label(self.source)}
+
+    def stats(self) -> dict:
+        """Cache counters: hits, misses, evictions, entries, bytes."""
+        return dataclasses.asdict(self.cache.stats)
 
 
 class Vision:

@@ -316,6 +316,8 @@ class ServingConfig:
     """Concurrent requests per replica."""
     max_queued_requests: int = 32
     """Requests waiting beyond that before 503."""
+    media_cache_mb: float = 256.0
+    """Per Speech / Vision replica: megabytes of transcripts and image embeddings kept for resent media (0: off)."""
 
     def validate(self, path: str) -> None:
         _check_range(f"{path}.port", self.port, 1, 65535)
@@ -323,6 +325,7 @@ class ServingConfig:
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1)
         _check_range(f"{path}.max_image_pixels", self.max_image_pixels, 1)
         _check_range(f"{path}.max_images", self.max_images, 1)
+        _check_range(f"{path}.media_cache_mb", self.media_cache_mb, 0)
 
 
 @dataclass

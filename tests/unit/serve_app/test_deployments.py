@@ -192,3 +192,24 @@ def test_the_steady_generator_answers_max_tokens_whatever_the_model_and_stops_wh
         (0, "x", "length"), (1, "", "cancelled")]
     with pytest.raises(ValueError, match="over the limit"):  # the real tokenizer and prompt limit
         steady.prepare(_request("x" * 2000))
+
+
+def test_speech_answers_a_resent_clip_from_its_cache_with_the_same_transcript(test_cfg):
+    speech = Speech(test_cfg)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    other = (0.3 * np.sin(2 * np.pi * 660 * np.arange(16000) / 16000)).astype(np.float32)
+    first = asyncio.run(speech.transcribe_batch([tone]))
+    again = asyncio.run(speech.transcribe_batch([other, tone.copy()]))  # one miss, one hit, in one batch
+    assert again[1] == first[0]
+    assert speech.stats()["hits"] == 1 and speech.stats()["misses"] == 2
+    assert speech.metrics.tallies["hits"] == 1 and speech.metrics.tallies["encoded"] == 2
+
+
+def test_speech_with_the_cache_off_runs_whisper_every_time(test_cfg):
+    cfg = copy.deepcopy(test_cfg)
+    cfg.serving.media_cache_mb = 0
+    speech = Speech(cfg)
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
+    for _ in range(2):
+        asyncio.run(speech.transcribe(tone))
+    assert speech.stats()["hits"] == 0 and speech.metrics.tallies["encoded"] == 2
