@@ -13,6 +13,7 @@ Ratios: each mode's tokens/s over the seed's, and serve over engine.
 
     python bench/serve.py --preset test --requests 8 --max-tokens 16     # seconds: checks it works
     python bench/serve.py --preset cpu --requests 16 --max-tokens 48      # SmolLM2 + tiny CLIP, minutes
+    python bench/serve.py --scenario multiturn --preset cpu                # 3-turn chats, media cache on vs off
 """
 
 from __future__ import annotations
@@ -56,6 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the LM")
     p.add_argument("--device", default="cpu", help="cpu or cuda (Serve then asks for GPU fractions)")
     p.add_argument("--modes", default="serve,engine,seed", help="subset of serve,engine,seed")
+    p.add_argument("--scenario", default="concurrency", choices=("concurrency", "multiturn"),
+                   help="multiturn: 3-turn chats resending an image and a spoken question, media cache on vs off "
+                        "(bench/multiturn.py)")
+    p.add_argument("--conversations", type=int, default=6, help="multiturn: timed conversations per setting")
     return p.parse_args(argv)
 
 
@@ -239,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     from trimodal.inference.requests import SamplingParams
 
     args = parse_args(argv)
+    if args.scenario == "multiturn":
+        import multiturn
+
+        return multiturn.run(args, make_images)
     modes, levels = set(args.modes.split(",")), [int(c) for c in args.concurrency.split(",")]
     pngs, rows, started = make_images(args.requests), [], time.perf_counter()
     params = SamplingParams(max_tokens=args.max_tokens)
