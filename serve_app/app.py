@@ -58,14 +58,14 @@ def with_batching(cls: type, max_batch_size: int, wait_s: float) -> type:
 
 
 def _call_through(many: str):
-    async def single(self, item):
-        return await getattr(self, many)(item)
+    async def single(self, *args):  # serve.batch gathers each positional argument into a list
+        return await getattr(self, many)(*args)
     return single
 
 
 def _stream_through(many: str):
-    async def single(self, item):
-        async for result in getattr(self, many)(item):
+    async def single(self, *args):
+        async for result in getattr(self, many)(*args):
             yield result
     return single
 

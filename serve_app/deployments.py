@@ -1,6 +1,11 @@
 """The serving graph's model deployments as plain classes: Speech (Whisper), Vision (CLIP tower + projector) and
-LanguageModel (LM + the run's LoRA adapter). No Serve here: `serve_app.app` turns them into Serve deployments;
-their metrics (`serve_app.metrics`) go through Ray Serve's metrics API, a no-op outside a replica.
+LanguageModel (LM + LoRA adapters). No Serve here: `serve_app.app` turns them into Serve deployments; their
+metrics (`serve_app.metrics`) go through Ray Serve's metrics API, a no-op outside a replica.
+
+Each request names its run (`RunBundle`, None for the base model): Vision encodes with that run's tower and
+projector (a bounded LRU of image encoders, rows grouped per run), the LanguageModel decodes with that run's LoRA
+adapter: one base LM, every run's adapter under its own peft adapter name (a bounded LRU), and rows of different
+runs in one decoding batch, each with its own adapter (base rows with none).
 
 Each class names its batchable methods in `BATCHED` ({single-item method: list method}). Plain, the single
 method runs a batch of one; the builder routes it through `serve.batch` instead, so concurrent calls share one
@@ -20,6 +25,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +38,10 @@ from PIL import Image
 from trimodal.config import ModelSource, TrimodalConfig
 from trimodal.inference.engine import Delta, Prompt, TextGenerator, tokenize_prompt
 from trimodal.inference.media_cache import MediaCache, array_size, audio_key, image_key, text_size
-from trimodal.inference.requests import GenerationRequest, SamplingParams
+from trimodal.inference.requests import GenerationRequest, RunBundle, SamplingParams
 
 from serve_app.metrics import EncoderMetrics, LanguageModelMetrics
+from serve_app.registry import run_bundle
 
 log = logging.getLogger("trimodal.serve")
 
@@ -110,31 +117,85 @@ class Speech:
         return dataclasses.asdict(self.cache.stats)
 
 
+def default_bundle(run_dir: str | None) -> RunBundle | None:
+    """The server's default run as a RunBundle (None: no run)."""
+    return run_bundle(run_dir, "default") if run_dir else None
+
+
+def run_label(run: RunBundle | None) -> str | None:
+    """A run's identity in cache keys: its directory and version (None: the base model)."""
+    return f"{run.directory}@{run.version}" if run is not None else None
+
+
 class Vision:
-    """Frozen CLIP tower + projector: one PIL image -> LM-space patch embeddings [N, H] (float32 numpy)."""
+    """Frozen CLIP tower + projector: one PIL image -> LM-space patch embeddings [N, H] (float32 numpy), with the
+    tower and projector of the run the request names (the default run's are loaded at start)."""
 
     BATCHED = {"encode": "encode_batch"}
 
     def __init__(self, cfg: TrimodalConfig, run_dir: str | None, lm_hidden: int, device: str = "cpu",
                  threads: int | None = None):
-        from trimodal.runs import load_image_encoder, read_run
-
         set_threads(threads)
-        self.image_encoder = load_image_encoder(cfg, read_run(run_dir), lm_hidden, device)
+        self.cfg, self.lm_hidden, self.device = cfg, lm_hidden, device
+        self.max_loaded = cfg.serving.max_loaded_runs
+        self.encoders: OrderedDict[tuple[str, int] | None, Any] = OrderedDict()
+        """Loaded image encoders by run (None: the base model's), least recently used first."""
+        self.image_encoder = self.encoder_for(default_bundle(run_dir))
+        self.cache = MediaCache(megabytes(cfg.serving.media_cache_mb))
+        self.metrics = EncoderMetrics("image")
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision")
 
-    async def encode(self, image: Image.Image) -> np.ndarray:
-        """Embeddings [N, H] of one image."""
-        return await run_batch_of_one(self.encode_batch, image)
+    def encoder_for(self, run: RunBundle | None):
+        """The run's tower + projector (loaded on first use; past max_loaded the least recently used goes)."""
+        from trimodal.runs import load_image_encoder, read_run
 
-    async def encode_batch(self, images: list[Image.Image]) -> list[np.ndarray]:
-        """Embeddings of several images in one forward pass."""
-        loop = asyncio.get_running_loop()
-        embeds = await loop.run_in_executor(self._executor, self._encode, images)
-        return list(embeds)
+        key = (run.directory, run.version) if run is not None else None
+        if key in self.encoders:
+            self.encoders.move_to_end(key)
+            return self.encoders[key]
+        encoder = load_image_encoder(self.cfg, read_run(key[0] if key else None), self.lm_hidden, self.device)
+        self.encoders[key] = encoder
+        while len(self.encoders) > self.max_loaded:
+            self.encoders.popitem(last=False)
+        return encoder
 
-    def _encode(self, images: list[Image.Image]) -> np.ndarray:
-        return self.image_encoder(images).float().cpu().numpy()  # [n, N, H]
+    async def encode(self, image: Image.Image, run: RunBundle | None = None) -> np.ndarray:
+        """Embeddings [N, H] of one image, by `run`'s tower and projector (None: the base model's)."""
+        return (await self.encode_batch([image], [run]))[0]
+
+    async def encode_batch(self, images: list[Image.Image],
+                           runs: list[RunBundle | None] | None = None) -> list[np.ndarray]:
+        """Embeddings of several images: cached ones from the cache, the rest in one forward pass per run."""
+        runs = runs or [None] * len(images)
+        keys = [image_key(image, run_label(run)) for image, run in zip(images, runs, strict=True)]
+        out = [self.cache.get(key) for key in keys]
+        missing = [i for i, embeds in enumerate(out) if embeds is None]
+        self.metrics.lookups(len(images) - len(missing), len(missing))
+        if missing:
+            loop = asyncio.get_running_loop()
+            started = time.perf_counter()
+            fresh = await loop.run_in_executor(self._executor, self._encode, [images[i] for i in missing],
+                                               [runs[i] for i in missing])
+            self.metrics.encoded(time.perf_counter() - started)
+            for i, embeds in zip(missing, fresh, strict=True):
+                out[i] = embeds
+                self.cache.put(keys[i], embeds, array_size(embeds))
+        return out
+
+    def _encode(self, images: list[Image.Image], runs: list[RunBundle | None]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0)] * len(images)
+        groups: dict[RunBundle | None, list[int]] = {}
+        for i, run in enumerate(runs):
+            groups.setdefault(run, []).append(i)
+        for run, rows in groups.items():
+            embeds = self.encoder_for(run)([images[i] for i in rows]).float().cpu().numpy()  # [n, N, H]
+            for i, embed in zip(rows, embeds):
+                out[i] = embed
+        return out
+
+    def stats(self) -> dict:
+        """Cache counters: hits, misses, evictions, entries, bytes."""
+        return dataclasses.asdict(self.cache.stats)
 
     def describe(self) -> dict:
         info = self.image_encoder.tower.info
@@ -151,6 +212,8 @@ class BatchRow:
     params: SamplingParams
     cancelled: bool = False
     finished: bool = False
+    run: RunBundle | None = None
+    """Whose LoRA adapter decodes this row (None: the base LM)."""
 
 
 class CancelSet(set):
@@ -176,8 +239,8 @@ class SteadyGenerator:
         self.encode = real.encode
         self.delay_s = delay_s
 
-    def stream(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
-               cancelled: set[int]) -> Iterator[Delta]:
+    def stream(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams], cancelled: set[int],
+               adapters: Sequence[str] | None = None) -> Iterator[Delta]:
         limits, counts = [p.max_tokens for p in params], [0] * len(prompts)
         for step in range(1, max(limits) + 1):
             live = [row for row in range(len(prompts)) if row not in cancelled and step <= limits[row]]
@@ -195,6 +258,8 @@ class SteadyGenerator:
 class LanguageModel:
     """The LM + tokenizer: prompts are tokenised per request, then decoded in dynamic batches with a KV cache.
 
+    One base LM; each request's run brings its LoRA adapter (`RunAdapters`: loaded on first use, at most
+    serving.max_loaded_runs, the default run's at start); a batch mixes runs, each row with its own adapter.
     `test_token_delay_s` > 0 swaps the decoder for a SteadyGenerator (tests that need answers of a known duration).
     """
 
@@ -202,15 +267,17 @@ class LanguageModel:
 
     def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None,
                  test_token_delay_s: float = 0.0):
-        from trimodal.runs import load_text_generator, read_run
+        from trimodal.runs import RunAdapters, load_text_generator, read_run
 
         set_threads(threads)
-        run = read_run(run_dir)
-        self.generator = load_text_generator(cfg, run, device)
+        self.generator = load_text_generator(cfg, read_run(None), device)
+        self.adapters = RunAdapters(self.generator, cfg.serving.max_loaded_runs)
+        default = default_bundle(run_dir)
+        self.adapters.load(default)
         if test_token_delay_s > 0:
             self.generator = SteadyGenerator(self.generator, test_token_delay_s)
         self.info = {"language_model": source_label(cfg.model.language_model.source),
-                     "adapter": run.has_adapter, "dtype": cfg.model.language_model.dtype}
+                     "adapter": bool(default and default.adapter), "dtype": cfg.model.language_model.dtype}
         self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
@@ -219,8 +286,9 @@ class LanguageModel:
 
     def stats(self) -> dict:
         """Counters: prompts received, requests decoded, batches, the largest batch, rows cancelled by their caller,
-        rows active."""
-        return dict(self.counters)
+        rows active; adapters loaded now, loads and evictions so far."""
+        return {**self.counters, "adapters_loaded": len(self.adapters.loaded), "adapter_loads": self.adapters.loads,
+                "adapter_evictions": self.adapters.evictions}
 
     def prepare(self, request: GenerationRequest) -> Prompt:
         """Tokenise the turns (ValueError for a prompt over the length limit)."""
@@ -238,8 +306,11 @@ class LanguageModel:
         except ValueError as exc:
             yield {"error": str(exc)}
             return
+        key = self.adapters.key(request.run)
+        if key is not None and key not in self.adapters.loaded:  # load it here, so a bad run fails alone
+            await asyncio.get_running_loop().run_in_executor(self._executor, self.adapters.load, request.run)
         yield {"prompt_tokens": len(prompt.input_ids)}
-        row = BatchRow(prompt, request.params)
+        row = BatchRow(prompt, request.params, run=request.run)
         self.counters["requests"] += 1
         self.counters["active"] += 1
         try:
@@ -297,7 +368,8 @@ class LanguageModel:
         """Run TextGenerator.stream and hand every delta (or the error) to the event loop."""
         try:
             prompts, params = [r.prompt for r in rows], [r.params for r in rows]
-            for delta in self.generator.stream(prompts, params, cancelled):
+            adapters = self.adapters.names([r.run for r in rows])
+            for delta in self.generator.stream(prompts, params, cancelled, adapters):
                 loop.call_soon_threadsafe(queue.put_nowait, delta)
         except BaseException as exc:  # surfaced to every caller of the batch
             log.exception("decoding a batch of %d failed", len(rows))

@@ -39,7 +39,9 @@ from trimodal.inference.messages import MediaLimits, ParsedRequest, RequestError
 from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, RequestLimits, bad_request,
                                            chunk_object, completion_object, error_body, models_object,
                                            parse_chat_request, parse_json_body, sse_event, usage_object)
-from trimodal.inference.requests import GenerationRequest
+from trimodal.inference.requests import GenerationRequest, RunBundle
+
+from serve_app.registry import ModelEntry, RunRegistry, UnknownModel
 
 log = logging.getLogger("trimodal.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -80,6 +82,11 @@ class IngressSettings:
     """Text over this many characters is refused before tokenising (see settings.CHARS_PER_TOKEN; 0: no check)."""
     run_note: str = ""
     """How the run was chosen (for /v1/models; names, not paths)."""
+    runs_dir: str | None = field(default=None, repr=False)
+    """Where the finished runs a request may name with `model` are found (None: only the default and the base);
+    a server path, so kept out of repr and logs, like default_run's."""
+    default_run: RunBundle | None = field(default=None, repr=False)
+    """The run that answers `model_id` (None: the base model)."""
     details: dict = field(default_factory=dict)
 
 
@@ -107,6 +114,14 @@ def supplied_key(header: str) -> str:
         except (binascii.Error, UnicodeDecodeError):
             return ""
     return ""
+
+
+def entry_details(entry: ModelEntry) -> dict:
+    """What /v1/models says of the base model or a run (names only)."""
+    if entry.run is None:
+        return {"run": None, "base": True, "adapter": False, "projector_trained": False}
+    return {"run": entry.run.name, "base": False, "adapter": entry.run.adapter is not None,
+            "projector_trained": True}
 
 
 def json_error(err: ApiError) -> JSONResponse:
@@ -139,6 +154,7 @@ class Ingress:
         self.created = int(time.time())
         self.fetcher = media_fetcher(settings)
         self.static = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.suffix in STATIC_TYPES}
+        self.registry = RunRegistry(settings.runs_dir, settings.preset, settings.default_run)
         self._info: dict | None = None
 
     def asgi_app(self) -> Starlette:
@@ -276,25 +292,40 @@ class Ingress:
         return Response(self.static[name], media_type=STATIC_TYPES[Path(name).suffix], headers=PAGE_HEADERS)
 
     async def models(self, request: Request) -> Response:
-        return JSONResponse(models_object(self.settings.model_id, self.created, await self.model_info()))
+        """The default id (with what is loaded), the base model, and every finished run of this preset."""
+        entries = await asyncio.to_thread(self.registry.entries)
+        default = await self.model_info()
+        listed = [(e.id, e.created, default if e.id == self.settings.model_id else entry_details(e))
+                  for e in entries]
+        return JSONResponse(models_object(listed))
+
+    async def resolve_model(self, model: str | None) -> ModelEntry:
+        """The entry `model` names; a 404 model_not_found when it names none."""
+        try:
+            return await asyncio.to_thread(self.registry.resolve, model)
+        except UnknownModel as exc:
+            raise ApiError(404, str(exc), "model", "model_not_found") from None
 
     async def chat_completions(self, request: Request) -> Response:
         """Validate, transcribe and encode media concurrently, then answer whole or as server-sent events."""
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         chat = parse_chat_request(parse_json_body(await self.read_body(request)), self.settings.limits)
         self.check_prompt_chars(chat.messages)
+        entry = await self.resolve_model(chat.model)
         image_size = (await self.model_info())["image_size"]
         parsed = await asyncio.to_thread(self.parse_messages, chat.messages, image_size)
-        gen_request = await self._with_deadline(self.encode_media(parsed, chat), deadline)
+        gen_request = await self._with_deadline(self.encode_media(parsed, chat, entry.run), deadline)
         stream = self.lm_stream.generate.remote(gen_request)
         try:
             first = await self._with_deadline(anext(stream), deadline)
             if "error" in first:
                 raise bad_request(first["error"], "messages", "context_length_exceeded")
             if chat.stream:
-                return StreamingResponse(self.sse(chat, stream, first, deadline), media_type="text/event-stream",
+                return StreamingResponse(self.sse(chat, entry.id, stream, first, deadline),
+                                         media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            return JSONResponse(await self._with_deadline(self.collect(chat, stream, first, gen_request), deadline))
+            answer = self.collect(chat, entry.id, stream, first, gen_request)
+            return JSONResponse(await self._with_deadline(answer, deadline))
         except BaseException:
             stream.cancel()
             raise
@@ -325,10 +356,12 @@ class Ingress:
         parsed.images = [shrink_image(img, image_size) for img in parsed.images]
         return parsed
 
-    async def encode_media(self, parsed: ParsedRequest, chat: ChatRequest) -> GenerationRequest:
-        """Transcribe every clip and encode every image, all at once; then render the turns."""
+    async def encode_media(self, parsed: ParsedRequest, chat: ChatRequest,
+                           run: RunBundle | None) -> GenerationRequest:
+        """Transcribe every clip and encode every image (with `run`'s tower and projector), all at once; then
+        render the turns."""
         calls = [self.speech.transcribe.remote(a) for a in parsed.audios]
-        calls += [self.vision.encode.remote(img) for img in parsed.images]
+        calls += [self.vision.encode.remote(img, run) for img in parsed.images]
         try:
             results = await asyncio.gather(*calls)
         except BaseException:
@@ -337,25 +370,28 @@ class Ingress:
             raise
         transcripts = list(results[:len(parsed.audios)])
         embeds = list(results[len(parsed.audios):])
-        return GenerationRequest(parsed.turns(transcripts), embeds, chat.params, transcripts)
+        return GenerationRequest(parsed.turns(transcripts), embeds, chat.params, transcripts, run)
 
-    async def collect(self, chat: ChatRequest, stream, first: dict, gen_request: GenerationRequest) -> dict:
-        """A whole (non-streaming) answer."""
+    async def collect(self, chat: ChatRequest, model: str, stream, first: dict,
+                      gen_request: GenerationRequest) -> dict:
+        """A whole (non-streaming) answer, from the model id `model`."""
         text, last = [], {"finish_reason": "stop", "completion_tokens": 0}
         async for item in stream:
             text.append(item["text"])
             last = item
             if item["finish_reason"]:
                 break
-        body = completion_object(chat.request_id, self.settings.model_id, "".join(text), last["finish_reason"],
+        body = completion_object(chat.request_id, model, "".join(text), last["finish_reason"],
                                  first["prompt_tokens"], last["completion_tokens"])
         if gen_request.transcripts:
             body["transcripts"] = gen_request.transcripts
         return body
 
-    async def sse(self, chat: ChatRequest, stream, first: dict, deadline: float) -> AsyncIterator[bytes]:
-        """Server-sent chunks: the role, the text deltas, the finish reason, usage if asked, then [DONE]."""
-        rid, model, created = chat.request_id, self.settings.model_id, int(time.time())
+    async def sse(self, chat: ChatRequest, model: str, stream, first: dict,
+                  deadline: float) -> AsyncIterator[bytes]:
+        """Server-sent chunks from the model id `model`: the role, the text deltas, the finish reason, usage if
+        asked, then [DONE]."""
+        rid, created = chat.request_id, int(time.time())
         finished = False
         try:
             yield sse_event(chunk_object(rid, model, created, {"role": "assistant", "content": ""}))

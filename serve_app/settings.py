@@ -12,7 +12,6 @@ Clients see a run's name (its directory relative to the runs directory), never a
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,9 +22,10 @@ from trimodal.config import TrimodalConfig, load_config
 from trimodal.inference.media_fetch import MediaSandbox, parse_domains
 from trimodal.inference.messages import MediaLimits
 from trimodal.inference.openai_api import RequestLimits
-from trimodal.inference.requests import prompt_token_limit
+from trimodal.inference.requests import RunBundle, prompt_token_limit
 
 from serve_app.ingress import IngressSettings
+from serve_app.registry import finished_runs, run_bundle, run_name, run_preset
 
 KNOWN_ARGS = ("preset", "run", "runs_dir", "device", "threads", "lm_cpus", "media_cpus", "ingress_cpus",
               "media_sandbox", "test_token_delay_s")
@@ -74,46 +74,18 @@ class AppSettings:
     """Tests and drills: a resolver table and a recording loopback-only transport for remote image URLs."""
     test_token_delay_s: float = 0.0
     """Tests: the LanguageModel answers with a SteadyGenerator (one token per this many seconds) when > 0."""
+    runs_dir: str = "runs"
+    """The directory whose finished runs clients may choose with `model` (absolute once resolved)."""
 
     @property
     def media_threads(self) -> int:
         return max(1, (self.threads or 1) // 2)
 
 
-def run_preset(final_dir: Path) -> str | None:
-    """The preset a finished run was trained with (run.json, else its config.yaml), None when it does not say."""
-    try:
-        meta = json.loads((final_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        meta = {}
-    if isinstance(meta, dict) and meta.get("preset"):
-        return str(meta["preset"])
-    try:
-        saved = yaml.safe_load((final_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
-        return None
-    return str(saved["name"]) if isinstance(saved, dict) and saved.get("name") else None
-
-
-def finished_runs(runs_dir: str | Path = "runs") -> list[Path]:
-    """Every finished run's final/ directory under `runs_dir`, oldest first (by its run.json)."""
-    found = sorted(Path(runs_dir).glob("**/final/run.json"), key=lambda p: p.stat().st_mtime)
-    return [p.parent.resolve() for p in found]
-
-
 def newest_run(runs_dir: str | Path = "runs", preset: str | None = None) -> Path | None:
     """The newest finished run under `runs_dir` (trained with `preset`, when given; unknown presets match)."""
     runs = [r for r in finished_runs(runs_dir) if preset is None or run_preset(r) in (preset, None)]
     return runs[-1] if runs else None
-
-
-def run_name(final_dir: Path, runs_dir: str | Path = "runs") -> str:
-    """`demo/finetune` for runs/demo/finetune/final: relative to the runs directory, else the run's own name."""
-    run = final_dir.parent if final_dir.name == "final" else final_dir
-    try:
-        return run.relative_to(Path(runs_dir).resolve()).as_posix()
-    except ValueError:
-        return run.name
 
 
 def choose_run(arg: str | None, runs_dir: str | Path = "runs", preset: str | None = None) -> RunChoice:
@@ -172,7 +144,8 @@ def resolve_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, st
                             "such as serving.max_batch_size=4)")
     overrides = {k: _parse_value(v) for k, v in args.items() if "." in k}
     cfg = absolute_paths(load_config(args.get("preset") or env.get("TRIMODAL_PRESET") or "cpu", overrides))
-    run = choose_run(args.get("run") or env.get("TRIMODAL_RUN"), args.get("runs_dir", "runs"), cfg.name)
+    runs_dir = str(Path(args.get("runs_dir", "runs")).expanduser().resolve())
+    run = choose_run(args.get("run") or env.get("TRIMODAL_RUN"), runs_dir, cfg.name)
     threads = int(args["threads"]) if args.get("threads") is not None else (os.cpu_count() or 1)
     return AppSettings(cfg, run.directory, run.note, str(args.get("device", "cpu")), threads,
                        lm_cpus=float(args.get("lm_cpus", 1.0)), media_cpus=float(args.get("media_cpus", 0.25)),
@@ -180,7 +153,7 @@ def resolve_settings(args: Mapping[str, Any] | None = None, env: Mapping[str, st
                        api_key=env.get("TRIMODAL_API_KEY") or None,
                        allowed_media_domains=parse_domains(env.get("TRIMODAL_ALLOWED_MEDIA_DOMAINS")),
                        run_name=run.name, media_sandbox=media_sandbox(args.get("media_sandbox")),
-                       test_token_delay_s=float(args.get("test_token_delay_s", 0.0)))
+                       test_token_delay_s=float(args.get("test_token_delay_s", 0.0)), runs_dir=runs_dir)
 
 
 def media_sandbox(value: Any) -> MediaSandbox | None:
@@ -210,12 +183,18 @@ def lm_hidden_size(cfg: TrimodalConfig) -> int:
     return AutoConfig.from_pretrained(resolve_source(source)).hidden_size
 
 
+def default_bundle(settings: AppSettings) -> RunBundle | None:
+    """The server's default run as the deployments take it (None: no run, the base model)."""
+    return run_bundle(settings.run_dir, settings.run_name or "") if settings.run_dir else None
+
+
 def ingress_settings(settings: AppSettings) -> IngressSettings:
     """The ingress's view of the settings."""
     cfg, serving = settings.cfg, settings.cfg.serving
     prompt_tokens = prompt_token_limit(cfg)
     return IngressSettings(
         model_id=f"trimodal-{cfg.name}", preset=cfg.name, run_name=settings.run_name, run_note=settings.run_note,
+        runs_dir=settings.runs_dir, default_run=default_bundle(settings),
         max_prompt_tokens=prompt_tokens, max_prompt_chars=prompt_tokens * CHARS_PER_TOKEN,
         media_sandbox=settings.media_sandbox,
         limits=RequestLimits(serving.max_tokens_default, serving.max_tokens_limit),

@@ -63,3 +63,37 @@ def tiny_lm(test_cfg):
 
     lm, tok = load_language_model(test_cfg.model.language_model)
     return lm.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def make_run(test_cfg, tiny_lm):
+    """make_run(runs_dir, name, seed, adapter=True): a finished run of the test preset under runs_dir/name/final
+    with its own projector (seeded) and, when asked, a LoRA adapter whose weights are random, not peft's
+    do-nothing start, so each run answers differently from the base model and from the others."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    from trimodal.models.language import build_random_lm
+    from trimodal.models.projector import build_projector
+    from trimodal.models.vision import random_vision_tower
+
+    vision_dim = random_vision_tower(test_cfg.model.vision).info.hidden_size
+    lm_cfg = test_cfg.model.language_model
+
+    def make(runs_dir: Path, name: str, seed: int, adapter: bool = True) -> Path:
+        final = Path(runs_dir) / name / "final"
+        final.mkdir(parents=True)
+        save_file(build_projector(vision_dim, lm_cfg.random_shape.hidden_size, seed).state_dict(),
+                  str(final / "projector.safetensors"))
+        if adapter:
+            torch.manual_seed(seed)
+            lm = build_random_lm(lm_cfg.random_shape, len(tiny_lm[1]))
+            lora = LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+            get_peft_model(lm, lora).save_pretrained(final / "adapter")
+        (final / "run.json").write_text(json.dumps({"preset": "test", "vision_tower": None}))
+        return final
+
+    return make

@@ -316,6 +316,8 @@ class ServingConfig:
     """Concurrent requests per replica."""
     max_queued_requests: int = 32
     """Requests waiting beyond that before 503."""
+    max_loaded_runs: int = 4
+    """Runs (LoRA adapters; tower + projector image encoders) a replica keeps loaded, least recently used evicted."""
     media_cache_mb: float = 256.0
     """Per Speech / Vision replica: megabytes of transcripts and image embeddings kept for resent media (0: off)."""
 
@@ -325,6 +327,7 @@ class ServingConfig:
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1)
         _check_range(f"{path}.max_image_pixels", self.max_image_pixels, 1)
         _check_range(f"{path}.max_images", self.max_images, 1)
+        _check_range(f"{path}.max_loaded_runs", self.max_loaded_runs, 1)
         _check_range(f"{path}.media_cache_mb", self.media_cache_mb, 0)
 
 

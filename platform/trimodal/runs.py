@@ -10,14 +10,18 @@ From a run this module loads:
   embeddings; see docs/architecture.md, "The path of an image");
 - its text: the LM + its adapter + the tokenizer, as a `TextGenerator`;
 - speech: the config's Whisper, as a transcriber;
-- or all three in one `Engine` (the CLI). The serving deployments and evaluation call the same loaders.
+- or all three in one `Engine` (the CLI). The serving deployments and evaluation call the same loaders;
+- several runs' LoRA adapters at once over one base LM (`RunAdapters`), for batches whose rows are answered by
+  different runs.
 """
 
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from safetensors.torch import load_file
@@ -25,7 +29,7 @@ from safetensors.torch import load_file
 from trimodal.config import SpeechConfig, TrimodalConfig, config_from_dict
 from trimodal.inference.engine import Engine, TextGenerator
 from trimodal.inference.messages import MediaLimits
-from trimodal.inference.requests import prompt_token_limit
+from trimodal.inference.requests import RunBundle, prompt_token_limit
 from trimodal.models.language import image_end_id, load_language_model
 from trimodal.models.multimodal import ImageEncoder
 from trimodal.models.projector import Projector, build_projector
@@ -129,3 +133,63 @@ def load_engine(cfg: TrimodalConfig, run_dir: str | Path | None = None, device: 
     transcriber = load_transcriber(cfg.model.speech, device) if speech else None
     limits = MediaLimits(cfg.serving.max_image_pixels, cfg.serving.max_images, cfg.model.speech.max_seconds)
     return Engine(generator, encoder, transcriber, limits)
+
+
+BASE_ADAPTER = "__base__"
+"""peft's adapter name for a row that gets no adapter in a mixed batch."""
+
+
+class RunAdapters:
+    """The LoRA adapters of several runs in one peft model over one base LM, each under its own adapter name.
+
+    `names(runs)` gives each row of a batch its adapter name (BASE_ADAPTER for the base model and for runs without
+    an adapter), loading what is missing; past `max_loaded` adapters the least recently used ones that the batch
+    does not need are deleted. The first adapter wraps the generator's LM in a peft model (`generator.lm` is
+    replaced); the last one is never deleted, so base rows always go through `adapter_names`. Not thread-safe:
+    call it from the thread that decodes.
+    """
+
+    def __init__(self, generator: TextGenerator, max_loaded: int):
+        self.generator = generator
+        self.max_loaded = max(1, max_loaded)
+        self.loaded: OrderedDict[tuple[str, int], str] = OrderedDict()
+        """(adapter directory, run version) -> adapter name, least recently used first."""
+        self.loads = 0
+        self.evictions = 0
+
+    @staticmethod
+    def key(run: RunBundle | None) -> tuple[str, int] | None:
+        return (run.adapter, run.version) if run is not None and run.adapter else None
+
+    def load(self, run: RunBundle | None) -> str:
+        """The adapter name of `run` (loaded now if it is not), most recently used; BASE_ADAPTER without one."""
+        key = self.key(run)
+        if key is None:
+            return BASE_ADAPTER
+        if key in self.loaded:
+            self.loaded.move_to_end(key)
+            return self.loaded[key]
+        self.loads += 1
+        name = f"run{self.loads}"
+        lm = self.generator.lm
+        if self.loaded:
+            lm.load_adapter(key[0], adapter_name=name)
+        else:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, key[0], adapter_name=name)
+        self.generator.lm = lm.eval().requires_grad_(False)
+        self.loaded[key] = name
+        return name
+
+    def names(self, runs: Sequence[RunBundle | None]) -> list[str] | None:
+        """Each row's adapter name, everything needed loaded; None while no adapter was ever loaded (plain LM)."""
+        names = [self.load(run) for run in runs]
+        self.evict(keep={self.key(run) for run in runs})
+        return names if self.loaded else None
+
+    def evict(self, keep: set) -> None:
+        """Delete least recently used adapters past `max_loaded`, never one in `keep` (the batch's own)."""
+        for key in [k for k in self.loaded if k not in keep][:max(0, len(self.loaded) - self.max_loaded)]:
+            self.generator.lm.delete_adapter(self.loaded.pop(key))
+            self.evictions += 1

@@ -1,7 +1,8 @@
 """The Serve graph on a local Ray, through real HTTP on 127.0.0.1, with the `test` preset.
 
-One Serve instance runs two applications for the whole module: `main`, the whole graph (open; remote images
-allowed from `localhost` only, to show that a listed host resolving to loopback is still refused; fetched through
+One Serve instance runs two applications for the whole module: `main`, the whole graph (open; its runs directory
+holds two finished runs, `one` and `two`, with their own projectors and random LoRA adapters, served beside the
+base model; remote images allowed from `localhost` only, to show that a listed host resolving to loopback is still refused; fetched through
 the media sandbox: `localhost` answered from a table, a loopback-only transport recording every attempt), and
 `guarded`, a second Ingress on main's Speech and Vision (an API key, one ongoing + one queued request, a 2 s request
 timeout) with its own LanguageModel that answers one token per 10 ms whatever the model (test_token_delay_s), so a
@@ -65,7 +66,15 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def runs_dir(tmp_path_factory, make_run) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root, "one", 1)
+    make_run(root, "two", 2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, runs_dir):
     import ray
     from ray import serve
 
@@ -79,7 +88,8 @@ def server(tmp_path_factory):
     record = tmp_path_factory.mktemp("media") / "fetch-attempts.jsonl"
     sandbox = {"record": str(record), "hosts": {"localhost": ["127.0.0.1", "::1"]}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({**COMMON, "media_sandbox": sandbox}, env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}),
+    serve.run(build_app({**COMMON, "media_sandbox": sandbox, "runs_dir": str(runs_dir)},
+                        env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}),
               name="main", route_prefix="/")
     # A second front door: an API key, 1 ongoing + 1 queued request, a 2 s timeout, a steady 10 ms-per-token LM.
     guarded = resolve_settings({**COMMON, "serving.max_ongoing_requests": 1, "serving.max_queued_requests": 1,
@@ -210,6 +220,32 @@ def test_audio_over_30_seconds_is_transcribed_whole(server):
     resp = server.ask([audio_part(wav(35, rate=8000))], max_tokens=2)
     assert resp.status_code == 200, resp.text
     assert len(resp.json()["transcripts"]) == 1
+
+
+def test_model_chooses_the_run_and_an_unknown_model_is_not_found(server, client, runs_dir, test_cfg, make_run):
+    """Each id answers as that run does in process (its projector and adapter; the base: neither); a run finished
+    after start is found; an unknown id is a 404 and the server answers afterwards."""
+    import openai
+
+    from trimodal.inference.requests import SamplingParams
+    from trimodal.runs import load_engine
+
+    assert [m.id for m in client.models.list().data] == [MODEL, MODEL + "/base", "one", "two"]
+    messages = [{"role": "user", "content": [image_part(png()), text_part("What color is the square?")]}]
+    answers = {}
+    for model, run in ((MODEL + "/base", None), ("one", runs_dir / "one" / "final"), ("two", runs_dir / "two" / "final")):
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=12)
+        expected = load_engine(test_cfg, run, speech=False).chat(messages, SamplingParams(max_tokens=12))
+        assert resp.model == model and resp.choices[0].message.content == expected.text, model
+        answers[model] = expected.text
+    assert len(set(answers.values())) == 3  # the control: base, one and two answer differently
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="three", messages=messages, max_tokens=4)
+    assert unknown.value.code == "model_not_found" and unknown.value.param == "model"
+    make_run(runs_dir, "three", 3)  # finished after the server started
+    time.sleep(1.1)  # past the registry's rescan interval
+    assert client.chat.completions.create(model="three", messages=messages, max_tokens=4).model == "three"
+    assert "three" in [m.id for m in client.models.list().data]
 
 
 def test_streaming(client):

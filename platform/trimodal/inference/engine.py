@@ -78,14 +78,17 @@ class TextGenerator:
         return embeds[0]  # [1, T, H] -> [T, H]
 
     def stream(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
-               cancelled: set[int] | None = None) -> Iterator[Delta]:
-        """Decode all prompts together; yield text deltas, one final delta per row with its finish reason."""
+               cancelled: set[int] | None = None, adapters: Sequence[str] | None = None) -> Iterator[Delta]:
+        """Decode all prompts together; yield text deltas, one final delta per row with its finish reason.
+
+        `adapters`: each row's peft adapter name ("__base__": the base LM), when `lm` holds several.
+        """
         cancelled = cancelled if cancelled is not None else set()
         trackers = [TextTracker(self.tokenizer, p.stop) for p in params]
         counts = [0] * len(prompts)
         done = [False] * len(prompts)
         embeds = [self.embed(p) for p in prompts]
-        for step in decode_steps(self.lm, embeds, params, self.eos_ids, cancelled):
+        for step in decode_steps(self.lm, embeds, params, self.eos_ids, cancelled, adapters):
             for row, token in step.tokens:
                 if token == -1:
                     done[row] = True

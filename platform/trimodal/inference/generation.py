@@ -1,7 +1,9 @@
 """KV-cache generation over a batch of prompts given as embeddings (left padded), with streaming.
 
 `decode_steps` is the single decoding loop: the prompt is prefilled once, then every step feeds only the new
-token against the cache, with an attention mask that hides the left padding. `TextTracker` turns the token
+token against the cache, with an attention mask that hides the left padding. With `adapters` (one peft adapter
+name per row, "__base__" for none) rows of different LoRA adapters share the batch: every forward, prefill and
+decoding step alike, passes each remaining row's name as peft's `adapter_names`. `TextTracker` turns the token
 stream of one sequence into text deltas and applies stop strings.
 """
 
@@ -78,11 +80,17 @@ class DecodeState:
     """[B, 1] position id of each row's next token."""
 
 
+def adapter_kwargs(adapters: Sequence[str] | None, rows: Sequence[int]) -> dict:
+    """peft's per-row `adapter_names` for the batch rows `rows` (original indices); nothing without adapters."""
+    return {} if adapters is None else {"adapter_names": [adapters[r] for r in rows]}
+
+
 @torch.no_grad()
-def prefill(lm, prompts: Sequence[torch.Tensor]) -> DecodeState:
+def prefill(lm, prompts: Sequence[torch.Tensor], adapters: Sequence[str] | None = None) -> DecodeState:
     """Run the left-padded prompts [T_i, H] through the LM once; the state before their first new token."""
     embeds, mask, positions = left_pad(prompts)
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+             **adapter_kwargs(adapters, range(len(prompts))))
     return DecodeState(out.logits[:, -1], out.cache, mask, positions[:, -1:] + 1)
 
 
@@ -203,18 +211,19 @@ def _take(states: torch.Tensor, source: torch.Tensor, cols: torch.Tensor) -> tor
 
 
 def decode_steps(lm, prompts: Sequence[torch.Tensor], params: Sequence[SamplingParams],
-                 eos_ids: set[int], cancelled: set[int] | None = None) -> Iterator[StepOutput]:
+                 eos_ids: set[int], cancelled: set[int] | None = None,
+                 adapters: Sequence[str] | None = None) -> Iterator[StepOutput]:
     """Yield the new tokens of every running row at each step until each row hits EOS or its max_tokens.
 
     A row whose index the caller puts into `cancelled` (a stop string, a client gone) stops at the next step;
-    the loop ends as soon as no row is running.
+    the loop ends as soon as no row is running. `adapters`: each row's peft adapter name ("__base__": none).
     """
-    yield from decode_from(lm, prefill(lm, prompts), params, eos_ids, cancelled)
+    yield from decode_from(lm, prefill(lm, prompts, adapters), params, eos_ids, cancelled, adapters)
 
 
 @torch.no_grad()
 def decode_from(lm, state: DecodeState, params: Sequence[SamplingParams], eos_ids: set[int],
-                cancelled: set[int] | None = None) -> Iterator[StepOutput]:
+                cancelled: set[int] | None = None, adapters: Sequence[str] | None = None) -> Iterator[StepOutput]:
     """`decode_steps` from a prefilled state; rows keep their indices in `params` and `cancelled`.
 
     Rows that have finished leave the batch (and its KV cache) once they are a quarter of it, so the steps after
@@ -236,7 +245,7 @@ def decode_from(lm, state: DecodeState, params: Sequence[SamplingParams], eos_id
             rows = [rows[k] for k in live]
         mask = torch.cat([state.mask, state.mask.new_ones(state.mask.shape[0], 1)], dim=1)
         out = lm(input_ids=picks.unsqueeze(-1), attention_mask=mask, position_ids=state.next_pos,
-                 cache=state.cache, use_cache=True, logits_to_keep=1)
+                 cache=state.cache, use_cache=True, logits_to_keep=1, **adapter_kwargs(adapters, rows))
         state = DecodeState(out.logits[:, -1], out.cache, mask, state.next_pos + 1)
 
 

@@ -275,7 +275,8 @@ SSE_DONE = b"data: [DONE]\n\n"
 """The terminating event OpenAI streams end with."""
 
 
-def models_object(model_id: str, created: int, details: dict) -> dict:
-    """`GET /v1/models`: one model, with what is loaded under `trimodal`."""
+def models_object(models: list[tuple[str, int, dict]]) -> dict:
+    """`GET /v1/models`: (id, created, details) per model, the details under `trimodal`."""
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
-                                         "owned_by": "trimodal", "trimodal": details}]}
+                                         "owned_by": "trimodal", "trimodal": details}
+                                        for model_id, created, details in models]}

@@ -37,6 +37,20 @@ class SamplingParams:
     """Seed for sampling; None draws one."""
 
 
+@dataclass(frozen=True)
+class RunBundle:
+    """A finished run a request is answered with: its projector and tower (Vision) and its LoRA adapter (LM)."""
+
+    name: str
+    """What clients call it: the run's directory relative to the runs directory (`demo/finetune`)."""
+    directory: str
+    """The run's final/ directory on the server (absolute; never shown to clients)."""
+    adapter: str | None = None
+    """Its LoRA adapter directory (absolute), None when the run trained no adapter (stage 1 only)."""
+    version: int = 0
+    """run.json's modification time (ns): a run finished again at the same place is loaded afresh."""
+
+
 @dataclass
 class GenerationRequest:
     """What the ingress sends the LanguageModel: rendered turns, image embeddings in marker order, sampling."""
@@ -46,3 +60,5 @@ class GenerationRequest:
     """One [N, H] float32 array per image, in the order of the turns' image markers."""
     params: SamplingParams
     transcripts: list[str] = field(default_factory=list)
+    run: RunBundle | None = None
+    """The run whose adapter answers; None: the base LM, no adapter."""

@@ -3,6 +3,7 @@ row, image embeddings match the engine (also after the ingress shrinks a large i
 
 import asyncio
 import copy
+import dataclasses
 import sys
 import threading
 from pathlib import Path
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives 
 from serve_app.deployments import BatchRow, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
 from serve_app.ingress import shrink_image  # noqa: E402
 from trimodal.inference.engine import Delta  # noqa: E402
-from trimodal.inference.requests import GenerationRequest, SamplingParams  # noqa: E402
+from trimodal.inference.requests import GenerationRequest, RunBundle, SamplingParams  # noqa: E402
 from trimodal.models.chat import IMAGE_MARKER, Turn  # noqa: E402
 
 
@@ -86,7 +87,7 @@ class ScriptedGenerator:
         self.encode = real.encode
         self.gate = gate
 
-    def stream(self, prompts, params, cancelled):
+    def stream(self, prompts, params, cancelled, adapters=None):
         for step in range(1, 201):
             self._wait_for_the_gate(len(prompts), cancelled)
             for row in range(len(prompts)):
@@ -213,3 +214,48 @@ def test_speech_with_the_cache_off_runs_whisper_every_time(test_cfg):
     for _ in range(2):
         asyncio.run(speech.transcribe(tone))
     assert speech.stats()["hits"] == 0 and speech.metrics.tallies["encoded"] == 2
+
+
+def _bundle(final: Path, name: str) -> RunBundle:
+    return RunBundle(name, str(final), str(final / "adapter"), (final / "run.json").stat().st_mtime_ns)
+
+
+def test_rows_of_different_runs_share_a_batch_and_each_answers_as_alone(test_cfg, tmp_path, make_run):
+    lm = LanguageModel(test_cfg, None)
+    one, two = (_bundle(make_run(tmp_path, name, seed), name) for name, seed in (("one", 1), ("two", 2)))
+    requests = [dataclasses.replace(_request(q, 16), run=run)
+                for q, run in (("hello", None), ("hello", one), ("hello", two), ("a", one))]
+    alone = [_answer(asyncio.run(_collect(lm.generate(r)))) for r in requests]
+    rows = [BatchRow(lm.prepare(r), r.params, run=r.run) for r in requests]
+    texts, reasons = asyncio.run(_decode_all(lm, rows))
+    assert list(zip(texts, reasons)) == alone
+    assert len({alone[0], alone[1], alone[2]}) == 3  # the control: base, one and two answer differently
+    assert lm.stats()["adapters_loaded"] == 2
+
+
+def test_vision_encodes_with_each_runs_projector_grouped_per_run(test_cfg, tmp_path, make_run):
+    from trimodal.config import load_config
+
+    cfg = load_config("test", {"serving.max_loaded_runs": 2})
+    one, two = (_bundle(make_run(tmp_path, name, seed, adapter=False), name) for name, seed in (("one", 1), ("two", 2)))
+    vision = Vision(cfg, None, cfg.model.language_model.random_shape.hidden_size)
+    images = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue", "white")]
+    runs = [None, one, two, one]
+    mixed = asyncio.run(vision.encode_batch(images, runs))
+    alone = [asyncio.run(vision.encode(image, run)) for image, run in zip(images, runs)]
+    assert all(np.allclose(m, a, atol=1e-5) for m, a in zip(mixed, alone))
+    same_image = [asyncio.run(vision.encode(images[0], run)) for run in (None, one, two)]
+    assert not np.allclose(same_image[0], same_image[1]) and not np.allclose(same_image[1], same_image[2])
+    assert len(vision.encoders) == 2  # the least recently used encoder (the base model's) went
+
+
+def test_vision_answers_a_resent_image_from_its_cache_per_run(test_cfg, tmp_path, make_run):
+    vision = Vision(test_cfg, None, test_cfg.model.language_model.random_shape.hidden_size)
+    one = _bundle(make_run(tmp_path, "one", 1, adapter=False), "one")
+    image = Image.new("RGB", (64, 64), "red")
+    first = asyncio.run(vision.encode(image))
+    again, other_run = asyncio.run(vision.encode_batch([image.copy(), image], [None, one]))
+    assert np.array_equal(again, first)  # a hit gives exactly what the encoder gave
+    assert not np.allclose(other_run, first)  # another run's projector is a miss, not the base model's entry
+    assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 2
+    assert vision.metrics.tallies["encoded"] == 2

@@ -277,3 +277,32 @@ def test_models_and_the_page_show_run_names_never_server_paths(test_cfg, tmp_pat
     assert details["projector_trained"] is True and details["note"].startswith("run pretrain (the newest")
     for text in (models.text, client.get("/").text, client.get("/static/app.js").text):
         assert str(tmp_path) not in text and "/tmp" not in text
+
+
+def test_model_picks_the_run_and_an_unknown_model_is_a_404(test_cfg, parts, tmp_path, make_run):
+    from serve_app.settings import resolve_settings
+
+    make_run(tmp_path / "runs", "demo/finetune", 1)
+    make_run(tmp_path / "runs", "demo/pretrain", 2, adapter=False)
+    s = resolve_settings({"preset": "test", "runs_dir": str(tmp_path / "runs"), "run": "none"}, env={})
+    speech, vision, lm = parts
+    client = TestClient(Ingress(LocalHandle(speech), LocalHandle(vision), LocalHandle(lm),
+                                ingress_settings(s)).asgi_app())
+    models = client.get("/v1/models")
+    listed = models.json()["data"]
+    assert [m["id"] for m in listed] == ["trimodal-test", "trimodal-test/base", "demo/finetune", "demo/pretrain"]
+    assert all(m["owned_by"] == "trimodal" and isinstance(m["created"], int) for m in listed)
+    assert listed[2]["trimodal"] == {"run": "demo/finetune", "base": False, "adapter": True, "projector_trained": True}
+    assert str(tmp_path) not in models.text
+    unknown = client.post("/v1/chat/completions", json={**ASK, "model": "demo/nothing"})
+    assert unknown.status_code == 404 and unknown.json()["error"] == {
+        "message": unknown.json()["error"]["message"], "type": "invalid_request_error", "code": "model_not_found",
+        "param": "model"}
+    assert "'demo/nothing' does not exist" in unknown.json()["error"]["message"]
+    answers = {m: client.post("/v1/chat/completions", json={**ASK, "model": m}).json()
+               for m in ("trimodal-test/base", "demo/finetune")}
+    assert {m: a["model"] for m, a in answers.items()} == {m: m for m in answers}
+    assert answers["trimodal-test/base"]["choices"][0]["message"]["content"] != \
+        answers["demo/finetune"]["choices"][0]["message"]["content"]
+    streamed = _events(client.post("/v1/chat/completions", json={**ASK, "model": "demo/pretrain", "stream": True}))
+    assert {json.loads(e)["model"] for e in streamed if e != "[DONE]"} == {"demo/pretrain"}

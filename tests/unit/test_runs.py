@@ -1,0 +1,88 @@
+"""Several runs' LoRA adapters over one base LM (`RunAdapters`): a batch that mixes base rows and rows of two runs
+gives every row exactly the greedy ids of its own model decoded alone, and the adapters are a bounded LRU that
+never evicts what the batch in hand needs."""
+
+from pathlib import Path
+
+import pytest
+
+from trimodal.inference.generation import decode_steps
+from trimodal.inference.requests import RunBundle, SamplingParams
+from trimodal.models.chat import Turn
+from trimodal.runs import BASE_ADAPTER, RunAdapters, load_text_generator, read_run
+
+QUESTIONS = ["hello", "What color is the square?", "a b c", "count the shapes"]
+
+
+def run_bundle(final: Path, name: str) -> RunBundle:
+    return RunBundle(name, str(final), str(final / "adapter"), (final / "run.json").stat().st_mtime_ns)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, make_run):
+    root = tmp_path_factory.mktemp("runs")
+    return [run_bundle(make_run(root, name, seed), name) for name, seed in (("one", 1), ("two", 2), ("three", 3))]
+
+
+def _generator(cfg, max_loaded: int = 4):
+    generator = load_text_generator(cfg, read_run(None))
+    return generator, RunAdapters(generator, max_loaded)
+
+
+def _greedy_ids(generator, adapters: RunAdapters, questions: list[str], runs: list) -> list[list[int]]:
+    """Each row's greedy token ids (24 new tokens at most) from one decoding batch."""
+    embeds = [generator.embed(_prompt(generator, q)) for q in questions]
+    names = adapters.names(runs)
+    params = [SamplingParams(max_tokens=24)] * len(questions)
+    ids: list[list[int]] = [[] for _ in questions]
+    for step in decode_steps(generator.lm, embeds, params, generator.eos_ids, None, names):
+        for row, token in step.tokens:
+            ids[row].append(token)
+    return ids
+
+
+def _prompt(generator, question: str):
+    from trimodal.inference.engine import tokenize_prompt
+
+    return tokenize_prompt(generator, [Turn("user", question)], None)
+
+
+def test_a_mixed_batch_gives_each_row_exactly_its_own_models_greedy_ids(test_cfg, runs):
+    one, two, _ = runs
+    generator, adapters = _generator(test_cfg)
+    plain = [_greedy_ids(generator, adapters, [q], [None])[0] for q in QUESTIONS]  # no adapter ever loaded
+    order = [None, one, two, one]  # base row first: a base row given an adapter would differ
+    alone = [_greedy_ids(generator, adapters, [q], [run])[0] for q, run in zip(QUESTIONS, order)]
+    mixed = _greedy_ids(generator, adapters, QUESTIONS, order)
+    assert mixed == alone
+    assert alone[0] == plain[0]  # base rows through the peft model are the plain LM's
+    assert [alone[1], alone[2]] != [plain[1], plain[2]] and alone[1] != _greedy_ids(
+        generator, adapters, [QUESTIONS[1]], [two])[0]  # the control: each run answers differently
+
+
+def test_adapters_are_a_bounded_lru_that_keeps_what_the_batch_needs(test_cfg, runs):
+    one, two, three = runs
+    generator, adapters = _generator(test_cfg, max_loaded=2)
+    assert adapters.names([None]) is None  # nothing loaded: the plain LM, no adapter_names
+    first = adapters.names([one, None])
+    assert first[1] == BASE_ADAPTER and len(adapters.loaded) == 1
+    adapters.names([two])
+    adapters.names([one])  # one is now the most recently used
+    adapters.names([three])  # evicts two, the least recently used
+    assert [adapters.key(r) in adapters.loaded for r in runs] == [True, False, True] and adapters.evictions == 1
+    names = adapters.names([one, two, three])  # a batch needing three keeps all three while it runs
+    assert len(set(names)) == 3 and len(adapters.loaded) == 3
+    assert set(generator.lm.peft_config) == set(adapters.loaded.values())  # evicted adapters are deleted
+    adapters.names([three])
+    assert len(adapters.loaded) == 2 and set(generator.lm.peft_config) == set(adapters.loaded.values())
+
+
+def test_a_run_finished_again_in_place_is_loaded_afresh(test_cfg, runs, tmp_path, make_run):
+    import os
+
+    final = make_run(tmp_path, "again", 5)
+    before = run_bundle(final, "again")
+    os.utime(final / "run.json", ns=(before.version + 10**9, before.version + 10**9))
+    after = run_bundle(final, "again")
+    generator, adapters = _generator(test_cfg)
+    assert adapters.names([before]) != adapters.names([after]) and adapters.loads == 2
