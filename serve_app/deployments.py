@@ -214,6 +214,8 @@ class BatchRow:
     finished: bool = False
     run: RunBundle | None = None
     """Whose LoRA adapter decodes this row (None: the base LM)."""
+    queued_at: float = dataclasses.field(default_factory=time.perf_counter)
+    """When the row was made (its queue wait ends when its batch starts)."""
 
 
 class CancelSet(set):
@@ -279,6 +281,7 @@ class LanguageModel:
         self.info = {"language_model": source_label(cfg.model.language_model.source),
                      "adapter": bool(default and default.adapter), "dtype": cfg.model.language_model.dtype}
         self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
+        self.metrics = LanguageModelMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def describe(self) -> dict:
@@ -336,6 +339,10 @@ class LanguageModel:
         """Decode rows together; yield, per step, one entry per row: its new deltas or StopIteration once done."""
         self.counters["batches"] += 1
         self.counters["largest_batch"] = max(self.counters["largest_batch"], len(rows))
+        self.metrics.batch(len(rows))
+        started = time.perf_counter()
+        for row in rows:
+            self.metrics.queue_wait(started - row.queued_at)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         cancelled = CancelSet(rows)

@@ -41,6 +41,7 @@ from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, Requ
                                            parse_chat_request, parse_json_body, sse_event, usage_object)
 from trimodal.inference.requests import GenerationRequest, RunBundle
 
+from serve_app.metrics import IngressMetrics, RequestTimings
 from serve_app.registry import ModelEntry, RunRegistry, UnknownModel
 
 log = logging.getLogger("trimodal.serve")
@@ -124,6 +125,15 @@ def entry_details(entry: ModelEntry) -> dict:
             "projector_trained": True}
 
 
+async def timed(calls: list) -> tuple[list, float | None]:
+    """The results of `calls` and the seconds until the last one answered (None when there are none)."""
+    if not calls:
+        return [], None
+    started = time.perf_counter()
+    results = list(await asyncio.gather(*calls))
+    return results, time.perf_counter() - started
+
+
 def json_error(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -155,16 +165,18 @@ class Ingress:
         self.fetcher = media_fetcher(settings)
         self.static = {p.name: p.read_bytes() for p in STATIC_DIR.iterdir() if p.suffix in STATIC_TYPES}
         self.registry = RunRegistry(settings.runs_dir, settings.preset, settings.default_run)
+        self.metrics = IngressMetrics()
         self._info: dict | None = None
 
     def asgi_app(self) -> Starlette:
         """The Starlette app serving every route."""
         routes = [Route("/healthz", self.healthz, methods=["GET"]),
                   Route("/readyz", self.readyz, methods=["GET"]),
-                  Route("/", self._guard(self.page, browser=True), methods=["GET"]),
-                  Route("/static/{name}", self._guard(self.static_file, browser=True), methods=["GET"]),
-                  Route("/v1/models", self._guard(self.models), methods=["GET"]),
-                  Route("/v1/chat/completions", self._guard(self.chat_completions), methods=["POST"])]
+                  Route("/", self._guard(self.page, "/", browser=True), methods=["GET"]),
+                  Route("/static/{name}", self._guard(self.static_file, "/static", browser=True), methods=["GET"]),
+                  Route("/v1/models", self._guard(self.models, "/v1/models"), methods=["GET"]),
+                  Route("/v1/chat/completions", self._guard(self.chat_completions, "/v1/chat/completions"),
+                        methods=["POST"])]
         handlers = {404: self._http_error, 405: self._http_error}
         return Starlette(routes=routes, exception_handlers=handlers)
 
@@ -177,8 +189,14 @@ class Ingress:
             return True
         return hmac.compare_digest(supplied_key(request.headers.get("authorization", "")).encode(), key.encode())
 
-    def _guard(self, handler: Callable[[Request], Awaitable[Response]], browser: bool = False):
-        """Check the key, then turn ApiErrors and unexpected failures into OpenAI-shaped JSON errors."""
+    def _guard(self, handler: Callable[[Request], Awaitable[Response]], route: str, browser: bool = False):
+        """Check the key, then turn ApiErrors and unexpected failures into OpenAI-shaped JSON errors; count the
+        answer's status under `route` (metrics)."""
+        async def counted(request: Request) -> Response:
+            response = await guarded(request)
+            self.metrics.request(route, response.status_code)
+            return response
+
         async def guarded(request: Request) -> Response:
             if not self.authorized(request):
                 challenge = 'Basic realm="trimodal", charset="UTF-8"' if browser else "Bearer"
@@ -196,7 +214,7 @@ class Ingress:
             except Exception:
                 log.exception("request to %s failed", request.url.path)
                 return json_error(ApiError(500, "internal server error", kind="server_error"))
-        return guarded
+        return counted
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else exc.detail
@@ -308,23 +326,24 @@ class Ingress:
 
     async def chat_completions(self, request: Request) -> Response:
         """Validate, transcribe and encode media concurrently, then answer whole or as server-sent events."""
+        timings = RequestTimings(time.perf_counter())
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
         chat = parse_chat_request(parse_json_body(await self.read_body(request)), self.settings.limits)
         self.check_prompt_chars(chat.messages)
         entry = await self.resolve_model(chat.model)
         image_size = (await self.model_info())["image_size"]
         parsed = await asyncio.to_thread(self.parse_messages, chat.messages, image_size)
-        gen_request = await self._with_deadline(self.encode_media(parsed, chat, entry.run), deadline)
+        gen_request = await self._with_deadline(self.encode_media(parsed, chat, entry.run, timings), deadline)
         stream = self.lm_stream.generate.remote(gen_request)
         try:
             first = await self._with_deadline(anext(stream), deadline)
             if "error" in first:
                 raise bad_request(first["error"], "messages", "context_length_exceeded")
             if chat.stream:
-                return StreamingResponse(self.sse(chat, entry.id, stream, first, deadline),
+                return StreamingResponse(self.sse(chat, entry.id, stream, first, deadline, timings),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            answer = self.collect(chat, entry.id, stream, first, gen_request)
+            answer = self.collect(chat, entry.id, stream, first, gen_request, timings)
             return JSONResponse(await self._with_deadline(answer, deadline))
         except BaseException:
             stream.cancel()
@@ -356,27 +375,28 @@ class Ingress:
         parsed.images = [shrink_image(img, image_size) for img in parsed.images]
         return parsed
 
-    async def encode_media(self, parsed: ParsedRequest, chat: ChatRequest,
-                           run: RunBundle | None) -> GenerationRequest:
+    async def encode_media(self, parsed: ParsedRequest, chat: ChatRequest, run: RunBundle | None,
+                           timings: RequestTimings) -> GenerationRequest:
         """Transcribe every clip and encode every image (with `run`'s tower and projector), all at once; then
-        render the turns."""
-        calls = [self.speech.transcribe.remote(a) for a in parsed.audios]
-        calls += [self.vision.encode.remote(img, run) for img in parsed.images]
+        render the turns. `timings` gets how long the clips and the images took."""
+        speech_calls = [self.speech.transcribe.remote(a) for a in parsed.audios]
+        vision_calls = [self.vision.encode.remote(img, run) for img in parsed.images]
         try:
-            results = await asyncio.gather(*calls)
+            (transcripts, timings.transcribe_s), (embeds, timings.encode_s) = await asyncio.gather(
+                timed(speech_calls), timed(vision_calls))
         except BaseException:
-            for call in calls:
+            for call in speech_calls + vision_calls:
                 call.cancel()
             raise
-        transcripts = list(results[:len(parsed.audios)])
-        embeds = list(results[len(parsed.audios):])
         return GenerationRequest(parsed.turns(transcripts), embeds, chat.params, transcripts, run)
 
-    async def collect(self, chat: ChatRequest, model: str, stream, first: dict,
-                      gen_request: GenerationRequest) -> dict:
-        """A whole (non-streaming) answer, from the model id `model`."""
+    async def collect(self, chat: ChatRequest, model: str, stream, first: dict, gen_request: GenerationRequest,
+                      timings: RequestTimings) -> dict:
+        """A whole (non-streaming) answer, from the model id `model`, with its `timings`."""
         text, last = [], {"finish_reason": "stop", "completion_tokens": 0}
         async for item in stream:
+            if item["text"]:
+                timings.token(time.perf_counter())
             text.append(item["text"])
             last = item
             if item["finish_reason"]:
@@ -385,12 +405,21 @@ class Ingress:
                                  first["prompt_tokens"], last["completion_tokens"])
         if gen_request.transcripts:
             body["transcripts"] = gen_request.transcripts
+        body["timings"] = self.finished(timings, last["completion_tokens"])
         return body
 
-    async def sse(self, chat: ChatRequest, model: str, stream, first: dict,
-                  deadline: float) -> AsyncIterator[bytes]:
-        """Server-sent chunks from the model id `model`: the role, the text deltas, the finish reason, usage if
-        asked, then [DONE]."""
+    def finished(self, timings: RequestTimings, completion_tokens: int) -> dict:
+        """Record a finished answer's first-token time and decode rate; its timings as the response reports them."""
+        timings.finish(completion_tokens, time.perf_counter())
+        if timings.first_token_s is not None:
+            self.metrics.first_token(timings.first_token_s)
+            self.metrics.decode_rate(completion_tokens, timings.decode_s or 0.0)
+        return timings.report()
+
+    async def sse(self, chat: ChatRequest, model: str, stream, first: dict, deadline: float,
+                  timings: RequestTimings) -> AsyncIterator[bytes]:
+        """Server-sent chunks from the model id `model`: the role, the text deltas, the finish reason (with the
+        request's `timings`), usage if asked, then [DONE]."""
         rid, created = chat.request_id, int(time.time())
         finished = False
         try:
@@ -399,9 +428,12 @@ class Ingress:
             while not finished:
                 item = await self._with_deadline(anext(stream), deadline)
                 if item["text"]:
+                    timings.token(time.perf_counter())
                     yield sse_event(chunk_object(rid, model, created, {"content": item["text"]}))
                 finished = item["finish_reason"] is not None
-            yield sse_event(chunk_object(rid, model, created, {}, item["finish_reason"]))
+            last = chunk_object(rid, model, created, {}, item["finish_reason"])
+            last["timings"] = self.finished(timings, item["completion_tokens"])
+            yield sse_event(last)
             if chat.include_usage:
                 usage = usage_object(first["prompt_tokens"], item["completion_tokens"])
                 yield sse_event(chunk_object(rid, model, created, usage=usage))

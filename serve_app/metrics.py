@@ -137,3 +137,40 @@ class LanguageModelMetrics:
     def batch(self, rows: int) -> None:
         self._rows.observe(rows)
         self.tallies["batches"] += 1
+
+
+@dataclass
+class RequestTimings:
+    """Where one chat request's time went, as the response reports it (`timings`) and the web page shows it."""
+
+    arrived: float
+    """time.perf_counter() when the request arrived."""
+    transcribe_s: float | None = None
+    """Seconds until every clip was transcribed (None: no audio)."""
+    encode_s: float | None = None
+    """Seconds until every image was encoded (None: no image)."""
+    first_token_s: float | None = None
+    """Seconds from arrival to the first text of the answer."""
+    decode_s: float | None = None
+    """Seconds from the first text to the last."""
+    completion_tokens: int = 0
+
+    def token(self, now: float) -> None:
+        """Text arrived at `now`: the first time sets first_token_s."""
+        if self.first_token_s is None:
+            self.first_token_s = now - self.arrived
+
+    def finish(self, completion_tokens: int, now: float) -> None:
+        self.completion_tokens = completion_tokens
+        if self.first_token_s is not None:
+            self.decode_s = now - self.arrived - self.first_token_s
+
+    def report(self) -> dict:
+        """{transcribe_s, encode_s, first_token_s, tokens_per_s} rounded for clients (None where not measured)."""
+        rate = None
+        if self.decode_s and self.completion_tokens > 1:
+            rate = round((self.completion_tokens - 1) / self.decode_s, 2)
+        rounded = {k: (round(v, 4) if v is not None else None) for k, v in
+                   (("transcribe_s", self.transcribe_s), ("encode_s", self.encode_s),
+                    ("first_token_s", self.first_token_s))}
+        return {**rounded, "tokens_per_s": rate}

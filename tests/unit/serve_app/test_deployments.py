@@ -61,9 +61,11 @@ def test_batched_decoding_equals_one_request_at_a_time(lm):
     requests = [_request("hello"), _request("What color is the square?", 20), _request("a", 7)]
     alone = [_answer(asyncio.run(_collect(lm.generate(r)))) for r in requests]
     rows = [BatchRow(lm.prepare(r), r.params) for r in requests]
+    batches, waits = lm.metrics.tallies["batches"], lm.metrics.tallies["queue_wait"]
     texts, reasons = asyncio.run(_decode_all(lm, rows))
     assert list(zip(texts, reasons)) == alone
     assert all(reason in ("stop", "length") for reason in reasons)
+    assert lm.metrics.tallies["batches"] == batches + 1 and lm.metrics.tallies["queue_wait"] == waits + 3
 
 
 def test_generate_streams_prompt_tokens_then_text_then_a_finish(lm):

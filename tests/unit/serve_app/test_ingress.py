@@ -306,3 +306,35 @@ def test_model_picks_the_run_and_an_unknown_model_is_a_404(test_cfg, parts, tmp_
         answers["demo/finetune"]["choices"][0]["message"]["content"]
     streamed = _events(client.post("/v1/chat/completions", json={**ASK, "model": "demo/pretrain", "stream": True}))
     assert {json.loads(e)["model"] for e in streamed if e != "[DONE]"} == {"demo/pretrain"}
+
+
+def _png(color: str) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_answers_report_stage_timings_and_the_ingress_counts_requests_and_refusals(test_cfg, parts):
+    settings = ingress_settings(AppSettings(test_cfg, None, "no run (test)", api_key="k"))
+    sp, vi, model = parts
+    ingress = Ingress(LocalHandle(sp), LocalHandle(vi), LocalHandle(model), settings)
+    client, auth = TestClient(ingress.asgi_app()), {"Authorization": "Bearer k"}
+    content = [{"type": "image_url", "image_url": {"url": _png("red")}},
+               {"type": "input_audio", "input_audio": {"data": _wav(0.5), "format": "wav"}},
+               {"type": "text", "text": "hello"}]
+    whole = client.post("/v1/chat/completions", headers=auth,
+                        json={"messages": [{"role": "user", "content": content}], "max_tokens": 6}).json()
+    timings = whole["timings"]
+    assert timings["transcribe_s"] > 0 and timings["encode_s"] > 0
+    assert whole["usage"]["completion_tokens"] == 0 or timings["first_token_s"] >= timings["encode_s"]
+    events = _events(client.post("/v1/chat/completions", headers=auth, json={**ASK, "stream": True}))
+    finish = [json.loads(e) for e in events[:-1] if json.loads(e)["choices"][0]["finish_reason"]]
+    assert finish and finish[0]["timings"]["transcribe_s"] is None and finish[0]["timings"]["encode_s"] is None
+    assert client.post("/v1/chat/completions", json=ASK).status_code == 401
+    assert client.post("/v1/chat/completions", headers=auth, json={**ASK, "max_tokens": 0}).status_code == 400
+    tallies = ingress.metrics.tallies
+    assert tallies[("requests", "/v1/chat/completions", 200)] == 2
+    assert tallies[("rejected", "unauthorized")] == 1 and tallies[("rejected", "invalid")] == 1
+    assert tallies[("requests", "/v1/chat/completions", 401)] == 1
