@@ -125,10 +125,12 @@ def own_defaults(port: int, extra: list[str]) -> list[str]:
       temp dir (`<temp dir>/ray_current_cluster`), so with a shared /tmp/ray a job of this head would be sent to
       another Ray started after it (a second head, or a test's local Ray);
     - free ports where Ray's defaults are fixed: the dashboard agent's (52365; a second head would have no job
-      agent: "No available agent to submit job") and the Ray Client server's (10001).
+      agent: "No available agent to submit job") and the Ray Client server's (10001);
+    - a free port for the Prometheus metrics export, printed at start (Ray's own pick is not shown anywhere).
     """
     own = {"--temp-dir": str(Path(tempfile.gettempdir()) / f"ray-{port}"),
-           "--dashboard-agent-listen-port": str(free_port()), "--ray-client-server-port": str(free_port())}
+           "--dashboard-agent-listen-port": str(free_port()), "--ray-client-server-port": str(free_port()),
+           "--metrics-export-port": str(free_port())}
     return [f"{flag}={value}" for flag, value in own.items() if not any(a.startswith(flag) for a in extra)]
 
 
@@ -155,10 +157,16 @@ def start(port: int, dashboard_port: int, extra: list[str]) -> None:
     if started.returncode != 0:
         tail = "\n".join((started.stdout + started.stderr).strip().splitlines()[-15:])
         raise HeadError(f"`ray start` failed:\n{tail}")
-    flag = cmd.index(next(a for a in cmd if a.startswith("--temp-dir")))
-    temp = cmd[flag].partition("=")[2] or cmd[flag + 1]
+    temp, metrics = flag_value(cmd, "--temp-dir"), flag_value(cmd, "--metrics-export-port")
     print(f"   started a Ray head: GCS 127.0.0.1:{port}, dashboard and job API http://127.0.0.1:{dashboard_port} "
           f"(token auth on, every port on 127.0.0.1; logs in {temp}/session_latest/logs)")
+    print(f"   Prometheus metrics (Ray's and trimodal's): http://127.0.0.1:{metrics}/metrics")
+
+
+def flag_value(cmd: list[str], flag: str) -> str:
+    """The value of `flag` in a command line (`--flag=value` or `--flag value`)."""
+    at = cmd.index(next(a for a in cmd if a.startswith(flag)))
+    return cmd[at].partition("=")[2] or cmd[at + 1]
 
 
 def stop(port: int, serve_pid_file: Path | None, serve_port: int | None) -> None:

@@ -10,8 +10,14 @@ all interfaces and guards with the cluster token.
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import os
 import re
+import time
+import urllib.error
+import urllib.request
 import socket
 import stat
 import subprocess
@@ -52,6 +58,7 @@ def newcomer(tmp_path_factory) -> dict[str, str]:
     env |= {"HOME": str(home), "RUNS": str(tmp_path_factory.mktemp("runs")), "PRESET": "test",
             "STEPS0": "2", "STEPS1": "2", "STEPS2": "2", "SHAPES_TRAIN": "16", "SHAPES_VAL": "4",
             "RAY_PORT": str(ray), "DASHBOARD_PORT": str(dash), "TRIMODAL_PORT": str(serve),
+            "METRICS_PORT": str(metrics),
             "RAY_START_ARGS": f"--temp-dir={temp} --ray-client-server-port={client} "
                               f"--dashboard-agent-listen-port={agent} --dashboard-agent-grpc-port={agent_grpc} "
                               f"--runtime-env-agent-port={runtime_env} --metrics-export-port={metrics}"}
@@ -104,6 +111,8 @@ def test_the_demo_on_a_fresh_machine_then_stop(newcomer):
     assert second.returncode != 0 and len(lines) == 1 and "a demo is already running" in lines[0], second.stderr
 
     _check_steps_and_answers(out, newcomer)
+    assert f"Prometheus metrics (Ray's and trimodal's): http://127.0.0.1:{newcomer['METRICS_PORT']}/metrics" in out
+    _check_metrics(newcomer)
     token = Path(newcomer["HOME"]) / ".ray" / "auth_token"
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and stat.S_IMODE(token.parent.stat().st_mode) == 0o700
     assert "[token] created" in out and token.read_text().strip() not in out  # made here, never printed
@@ -144,3 +153,57 @@ def _listeners(env: dict[str, str]) -> list[tuple[str, int, str]]:
         ip, port, name = line.split()[:3]
         rows.append((ip, int(port), name))
     return rows
+
+
+TRIMODAL_METRICS = ("trimodal_requests_total", "trimodal_rejected_requests_total",
+                    "trimodal_time_to_first_token_seconds_count", "trimodal_decode_tokens_per_second_count",
+                    "trimodal_transcribe_seconds_count", "trimodal_image_encode_seconds_count",
+                    "trimodal_lm_queue_wait_seconds_count", "trimodal_lm_batch_rows_count",
+                    "trimodal_media_cache_hits_total", "trimodal_media_cache_misses_total")
+
+
+def _post(env: dict[str, str], body: dict) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{env['TRIMODAL_PORT']}/v1/chat/completions",
+                                     json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def _check_metrics(env: dict[str, str]) -> None:
+    """After a refused request and an image + spoken question asked twice (the second from the media caches), the
+    head's Prometheus export (the port the README says to scrape) has every trimodal metric, with values that
+    fit what was sent."""
+    from PIL import Image
+
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(png, format="PNG")
+    wav = (ROOT / "tests" / "data" / "what_color.wav").read_bytes()
+    content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64," +
+                                                   base64.b64encode(png.getvalue()).decode()}},
+               {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav).decode(), "format": "wav"}}]
+    ask = {"messages": [{"role": "user", "content": content}], "max_tokens": 4}
+    assert [_post(env, ask), _post(env, ask), _post(env, {**ask, "max_tokens": 0})] == [200, 200, 400]
+    values: dict[str, float] = {}
+    deadline = time.monotonic() + 90  # Ray's metrics agent reports every few seconds
+    while time.monotonic() < deadline and not all(values.get(name) for name in TRIMODAL_METRICS):
+        time.sleep(3)
+        values = _scrape(env["METRICS_PORT"])
+    assert all(values.get(name) for name in TRIMODAL_METRICS), {n: values.get(n) for n in TRIMODAL_METRICS}
+    assert values["trimodal_requests_total"] >= 6  # the demo's three questions, two here and one refused
+    assert values["trimodal_rejected_requests_total"] >= 1 and values["trimodal_media_cache_hits_total"] >= 2
+    assert 0 < values["trimodal_time_to_first_token_seconds_sum"] < 600
+
+
+def _scrape(port: str) -> dict[str, float]:
+    """Sum of every `ray_trimodal_*` sample by metric name (labels dropped) in one scrape."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        match = re.match(r"ray_(trimodal_\w+?)(?:\{.*\})? ([0-9.eE+-]+)$", line)
+        if match:
+            values[match[1]] = values.get(match[1], 0.0) + float(match[2])
+    return values
