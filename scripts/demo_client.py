@@ -1,4 +1,8 @@
-"""Ask the served model three questions with the official openai client: text, image, spoken (about the image)."""
+"""Ask the served models three questions with the official openai client: text, image, spoken (about the image).
+
+Each question goes to the server's trained run and to the base model (no adapter, an untrained projector) side by
+side, chosen per request with `model`: the ids come from /v1/models.
+"""
 
 import argparse
 import base64
@@ -8,15 +12,25 @@ from pathlib import Path
 from openai import OpenAI
 
 
-def ask(client: OpenAI, title: str, content) -> None:
-    start = time.perf_counter()
-    reply = client.chat.completions.create(model="trimodal", max_tokens=48, temperature=0.0,
-                                           messages=[{"role": "user", "content": content}])
-    print(f"\n[{title}] ({time.perf_counter() - start:.1f} s)")
-    for transcript in (reply.model_extra or {}).get("transcripts", []):  # trimodal adds what the audio said
-        print(f"  transcript used: {transcript!r}")
-    answer = reply.choices[0].message.content.strip()
-    print(f"  {answer}" if answer else f"  (an empty answer; finish reason {reply.choices[0].finish_reason})")
+def side_by_side(client: OpenAI) -> list[tuple[str, str]]:
+    """(label, model id) of the trained run (the server's default) and of the base model, from /v1/models."""
+    models = client.models.list().data
+    default, details = models[0], models[0].model_extra["trimodal"]
+    base = next(m for m in models if m.model_extra["trimodal"].get("base"))
+    return [(details.get("run") or default.id, default.id), ("base", base.id)]
+
+
+def ask(client: OpenAI, models: list[tuple[str, str]], title: str, content) -> None:
+    print(f"\n[{title}]")
+    for label, model in models:
+        start = time.perf_counter()
+        reply = client.chat.completions.create(model=model, max_tokens=48, temperature=0.0,
+                                               messages=[{"role": "user", "content": content}])
+        for transcript in (reply.model_extra or {}).get("transcripts", []):  # trimodal adds what the audio said
+            print(f"  transcript used: {transcript!r}")
+        answer = reply.choices[0].message.content.strip()
+        shown = answer or f"(an empty answer; finish reason {reply.choices[0].finish_reason})"
+        print(f"  {label:>16} ({time.perf_counter() - start:.1f} s): {shown}")
 
 
 def held_out_image_with_one_circle(shapes: Path) -> Path:
@@ -42,9 +56,12 @@ def main() -> None:
              "image_url": {"url": "data:image/png;base64," + base64.b64encode(args.image.read_bytes()).decode()}}
     audio = {"type": "input_audio",
              "input_audio": {"data": base64.b64encode(args.audio.read_bytes()).decode(), "format": "wav"}}
-    ask(client, "text: What is the capital of France?", "What is the capital of France? Answer in one sentence.")
-    ask(client, f"image {args.image.name}: Describe the image.", [image, {"type": "text", "text": "Describe the image."}])
-    ask(client, f"spoken question ({args.audio.name}) about {args.image.name}", [image, audio])
+    models = side_by_side(client)
+    ask(client, models, "text: What is the capital of France?",
+        "What is the capital of France? Answer in one sentence.")
+    ask(client, models, f"image {args.image.name}: Describe the image.",
+        [image, {"type": "text", "text": "Describe the image."}])
+    ask(client, models, f"spoken question ({args.audio.name}) about {args.image.name}", [image, audio])
 
 
 if __name__ == "__main__":

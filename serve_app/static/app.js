@@ -1,12 +1,13 @@
 // trimodal web page: text, images (with previews) and an uploaded or recorded audio clip, sent to
-// /v1/chat/completions with stream: true; the answer appears as the server-sent events arrive.
+// /v1/chat/completions with stream: true, to the model picked from /v1/models (the server's default run, the base
+// model, or any finished run); the answer appears as the server-sent events arrive.
 // Recorded (and unusual uploaded) audio is decoded by the browser and re-encoded as 16 kHz mono WAV here.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const BASE = location.pathname.endsWith("/") ? location.pathname : location.pathname + "/";
 const SENDABLE_AUDIO = ["wav", "flac", "ogg", "mp3"];
-const state = { history: [], images: [], audio: null, controller: null, recorder: null, model: null };
+const state = { history: [], images: [], audio: null, controller: null, recorder: null, models: [] };
 
 function apiHeaders() {
   const headers = { "Content-Type": "application/json" };
@@ -28,18 +29,32 @@ async function errorMessage(response) {
   return `${response.status} ${response.statusText}`;
 }
 
+function modelNote(model) {
+  const info = model.trimodal || {};
+  if (info.note) return info.note;
+  if (info.base) return "the base model: no LoRA adapter, and an UNTRAINED projector (image answers are noise)";
+  return `run ${info.run}` + (info.adapter ? "" : " (no LoRA adapter: trained up to stage 1)");
+}
+
+function showNote() {
+  const model = state.models.find((m) => m.id === $("model").value);
+  const note = model ? modelNote(model) : "";
+  $("note").hidden = !note;
+  $("note").textContent = note;
+}
+
 async function loadModel() {
+  const picker = $("model");
   try {
     const response = await fetch(BASE + "v1/models", { headers: apiHeaders() });
-    if (!response.ok) { $("model").textContent = await errorMessage(response); return; }
-    const model = (await response.json()).data[0];
-    state.model = model.id;
-    $("model").textContent = model.id;
-    const note = model.trimodal && model.trimodal.note;
-    $("note").hidden = !note;
-    $("note").textContent = note || "";
+    if (!response.ok) { picker.replaceChildren(new Option(await errorMessage(response), "")); return; }
+    const chosen = picker.value;
+    state.models = (await response.json()).data;
+    picker.replaceChildren(...state.models.map((m) => new Option(m.id, m.id)));
+    if (state.models.some((m) => m.id === chosen)) picker.value = chosen;
+    showNote();
   } catch (err) {
-    $("model").textContent = "server unreachable: " + err;
+    picker.replaceChildren(new Option("server unreachable: " + err, ""));
   }
 }
 
@@ -273,7 +288,7 @@ async function send(event) {
     const response = await fetch(BASE + "v1/chat/completions", {
       method: "POST", headers: apiHeaders(), signal: state.controller.signal,
       body: JSON.stringify({
-        model: state.model || "trimodal", messages: state.history, stream: true,
+        model: $("model").value || undefined, messages: state.history, stream: true,
         stream_options: { include_usage: true },
         max_tokens: Number($("max-tokens").value) || 128, temperature: Number($("temperature").value) || 0,
       }),
@@ -320,5 +335,6 @@ document.addEventListener("DOMContentLoaded", () => {
   $("stop").addEventListener("click", () => state.controller && state.controller.abort());
   $("clear").addEventListener("click", newChat);
   $("api-key").addEventListener("change", loadModel);
+  $("model").addEventListener("change", showNote);
   loadModel();
 });

@@ -137,7 +137,8 @@ def _check_steps_and_answers(out: str, env: dict[str, str]) -> None:
         after = answers.split(question, 1)
         assert len(after) == 2, f"{question!r} was not asked:\n{answers}"
         reply = [line for line in after[1].splitlines()[1:] if not line.strip().startswith("transcript used")]
-        assert reply and reply[0].startswith("  ") and reply[0].strip(), answers
+        assert len(reply) >= 2 and all(line.startswith("  ") and line.strip() for line in reply[:2]), answers
+        assert reply[0].split()[0] == "finetune" and reply[1].split()[0] == "base", answers  # side by side
     assert f"Web page:  open http://127.0.0.1:{env['TRIMODAL_PORT']}/" in out
     assert "make demo-stop" in out.split("Done.", 1)[1]
 

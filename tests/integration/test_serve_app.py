@@ -507,8 +507,14 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     try:
         browser.send("Page.navigate", url=server.url + "/")
         browser.wait_for(f"document.readyState === 'complete' && "
-                         f"document.getElementById('model').textContent === '{MODEL}'")
+                         f"document.getElementById('model').value === '{MODEL}'")
+        picker = browser.eval("[...document.getElementById('model').options].map(o => o.value)")
         assert "UNTRAINED" in browser.eval("document.getElementById('note').textContent")
+        browser.eval("const m = document.getElementById('model'); m.value = 'one';"
+                     "m.dispatchEvent(new Event('change'))")
+        run_note = browser.eval("document.getElementById('note').textContent")
+        browser.eval(f"const p = document.getElementById('model'); p.value = '{MODEL}';"
+                     "p.dispatchEvent(new Event('change'))")
         root = browser.send("DOM.getDocument")["root"]["nodeId"]
         node = browser.send("DOM.querySelector", nodeId=root, selector="#image-input")["nodeId"]
         browser.send("DOM.setFileInputFiles", files=[str(image)], nodeId=node)
@@ -523,6 +529,8 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         resources = browser.eval("performance.getEntriesByType('resource').map(e => e.name)")
     finally:
         browser.close()
+    assert picker[:2] == [MODEL, MODEL + "/base"] and {"one", "two"} <= set(picker[2:])  # the model picker
+    assert run_note == "run one"
     assert answer and any(state == "streaming" and length > 0 for state, length in seen)  # text appeared live
     assert recorded["label"].startswith("🎤 recording (") and recorded["state"] == "done", recorded
     assert all(r.startswith(server.url) for r in resources)  # no external assets
