@@ -235,8 +235,26 @@ function handleEvent(data, msg, answer) {
     msg.querySelector(".text").textContent = answer.text;
   }
   if (choice && choice.finish_reason) answer.finish = choice.finish_reason;
+  if (event.timings) answer.timings = event.timings;
   if (event.usage) answer.usage = event.usage;
   return false;
+}
+
+// The server's stage timings of one answer (the final chunk's `timings`), as one line under it.
+function timingsText(timings) {
+  const parts = [];
+  if (timings.transcribe_s != null) parts.push(`transcribe ${timings.transcribe_s.toFixed(2)} s`);
+  if (timings.encode_s != null) parts.push(`image encode ${timings.encode_s.toFixed(2)} s`);
+  if (timings.first_token_s != null) parts.push(`first token ${timings.first_token_s.toFixed(2)} s`);
+  if (timings.tokens_per_s != null) parts.push(`${timings.tokens_per_s.toFixed(1)} tokens/s`);
+  return parts.join(" · ");
+}
+
+function showTimings(msg, timings) {
+  const meta = document.createElement("div");
+  meta.className = "meta timings";
+  meta.textContent = timingsText(timings);
+  msg.append(meta);
 }
 
 async function readStream(response, msg, answer) {
@@ -279,7 +297,7 @@ async function send(event) {
 
   const msg = addMessage("assistant", "");
   msg.dataset.state = "streaming";
-  const answer = { text: "", finish: null, usage: null };
+  const answer = { text: "", finish: null, usage: null, timings: null };
   state.controller = new AbortController();
   setBusy(true);
   setStatus("thinking…");
@@ -296,6 +314,7 @@ async function send(event) {
     if (!response.ok) throw new Error(await errorMessage(response));
     await readStream(response, msg, answer);
     msg.dataset.state = "done";
+    if (answer.timings) showTimings(msg, answer.timings);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     const tokens = answer.usage ? `${answer.usage.completion_tokens} tokens, ` : "";
     setStatus(`done (${tokens}${seconds} s${answer.finish === "length" ? ", hit max tokens" : ""})`);

@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -494,7 +495,9 @@ def record_and_ask(browser: Chromium) -> dict:
                      "document.querySelectorAll('.msg.assistant')[1].dataset.state !== 'streaming'")
     return browser.eval("({label: [...document.querySelectorAll('.msg.user')].pop().querySelector('.meta')"
                         "?.textContent || '', state: [...document.querySelectorAll('.msg.assistant')].pop()"
-                        ".dataset.state, status: document.getElementById('status').textContent})")
+                        ".dataset.state, status: document.getElementById('status').textContent, timings: "
+                        "[...document.querySelectorAll('.msg.assistant')].pop().querySelector('.timings')"
+                        "?.textContent || ''})")
 
 
 def test_web_page_in_headless_chromium(server, tmp_path):
@@ -524,6 +527,7 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         browser.eval(WATCH_STREAMING + "document.getElementById('send').click()")
         browser.wait_for("document.querySelector('.msg.assistant')?.dataset.state === 'done'")
         answer = browser.eval("document.querySelector('.msg.assistant .text').textContent")
+        timings = browser.eval("document.querySelector('.msg.assistant .timings')?.textContent || ''")
         seen = browser.eval("window.__seen")
         recorded = record_and_ask(browser)
         resources = browser.eval("performance.getEntriesByType('resource').map(e => e.name)")
@@ -533,6 +537,11 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     assert run_note == "run one"
     assert answer and any(state == "streaming" and length > 0 for state, length in seen)  # text appeared live
     assert recorded["label"].startswith("🎤 recording (") and recorded["state"] == "done", recorded
+    # Under each answer, the server's stage timings: the image question's encode, the spoken one's transcription
+    # (the image is resent with the history: from the media cache), both with first token and decode rate.
+    stage = r"\d+\.\d\d s"
+    assert re.fullmatch(rf"image encode {stage} · first token {stage}( · \d+\.\d tokens/s)?", timings), timings
+    assert re.match(rf"transcribe {stage} · image encode {stage} · first token {stage}", recorded["timings"]), recorded
     assert all(r.startswith(server.url) for r in resources)  # no external assets
     direct = server.ask([image_part(image.read_bytes()), text_part("What color is the square?")],
                         max_tokens=128).json()
