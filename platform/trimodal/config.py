@@ -298,7 +298,7 @@ class VllmConfig:
     dtype: str = "float32"
     """Compute dtype of the LM in vLLM (float32, bfloat16, float16)."""
     kv_cache_gib: float = 1.0
-    """KV-cache space in GiB on CPU (VLLM_CPU_KVCACHE_SPACE); ignored on GPU."""
+    """KV-cache space in GiB on CPU (vLLM's kv_cache_memory_bytes); on GPU see gpu_memory_utilization."""
     gpu_memory_utilization: float = 0.6
     """Fraction of the GPU's memory vLLM may take (weights + KV cache); ignored on CPU."""
     max_num_seqs: int = 16

@@ -81,10 +81,8 @@ def omp_threads_bind(setting: str) -> str:
 
 
 def engine_env(vcfg: VllmConfig) -> dict[str, str]:
-    """Environment variables vLLM reads at start (CPU KV-cache space, OpenMP core binding)."""
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(max(1, round(vcfg.kv_cache_gib))) if vcfg.kv_cache_gib >= 1
-           else str(vcfg.kv_cache_gib), "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(vcfg.omp_threads_bind)}
-    return env
+    """Environment variables vLLM reads at start (OpenMP core binding on CPU)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(vcfg.omp_threads_bind)}
 
 
 def engine_kwargs(model_dir: str | Path, vcfg: VllmConfig, lora_targets: Sequence[str], max_model_len: int,
@@ -98,6 +96,8 @@ def engine_kwargs(model_dir: str | Path, vcfg: VllmConfig, lora_targets: Sequenc
                       lora_target_modules=list(lora_targets))
     if device.startswith("cuda"):
         kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(vcfg.kv_cache_gib * 2**30)
     return kwargs
 
 

@@ -58,10 +58,10 @@ def test_engine_and_sampling_arguments():
     vcfg = load_config("cpu").serving.vllm
     plain = engine_kwargs("/m", vcfg, [], 2048)
     assert plain["enable_prompt_embeds"] and plain["skip_tokenizer_init"] and "enable_lora" not in plain
-    assert "gpu_memory_utilization" not in plain
+    assert "gpu_memory_utilization" not in plain and plain["kv_cache_memory_bytes"] == int(vcfg.kv_cache_gib * 2**30)
     lora = engine_kwargs("/m", vcfg, ["qkv_proj"], 2048, device="cuda")
     assert (lora["max_loras"], lora["lora_target_modules"]) == (vcfg.max_loras, ["qkv_proj"])
-    assert lora["gpu_memory_utilization"] == vcfg.gpu_memory_utilization
+    assert lora["gpu_memory_utilization"] == vcfg.gpu_memory_utilization and "kv_cache_memory_bytes" not in lora
     greedy = sampling_kwargs(SamplingParams(max_tokens=5, top_p=0.5), {7})
     assert greedy["ignore_eos"] and greedy["stop_token_ids"] == [7] and greedy["top_p"] == 1.0
     assert sampling_kwargs(SamplingParams(temperature=0.7, top_p=0.9, seed=3), {7})["top_p"] == 0.9
