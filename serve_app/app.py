@@ -20,6 +20,8 @@ they are raised as exceptions.
 from __future__ import annotations
 
 import inspect
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import ray
@@ -30,7 +32,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 
 from trimodal.config import ConfigError, TrimodalConfig
 
-from serve_app.deployments import LanguageModel, Speech, Vision
+from serve_app.deployments import LanguageModel, Speech, Vision, VllmLanguageModel
 from serve_app.ingress import Ingress
 from serve_app.settings import AppSettings, SettingsError, ingress_settings, lm_hidden_size, resolve_settings
 
@@ -38,6 +40,9 @@ BATCH_WAIT_S = {"Speech": 0.02, "Vision": 0.01, "LanguageModel": 0.02}
 """How long a replica waits to fill a batch after its first request arrives."""
 GPU_SHARE = {"Speech": 0.1, "Vision": 0.1, "LanguageModel": 0.6}
 """Default fractions of one GPU when device=cuda (serve_config.yaml sets its own)."""
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_ENV_VARS = ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "TRIMODAL_CACHE", "HF_HOME", "HF_HUB_OFFLINE")
+"""Environment variables the vllm replica inherits from the builder (when set)."""
 RETRY_AFTER_S = 1
 OVERLOAD_ERRORS = (BackPressureError, DeploymentUnavailableError)
 """What a handle call raises when a deployment cannot take the request: the ingress answers 503 + Retry-After."""
@@ -94,8 +99,34 @@ def model_deployment(settings: AppSettings, cls: type, name: str, cpus: float, *
                             max_queued_requests=serving.max_queued_requests, **extra)
 
 
+def vllm_python(settings: AppSettings) -> Path:
+    """The vllm environment's interpreter (serving.vllm.python, relative to the repository); SettingsError when it
+    is missing."""
+    python = Path(settings.cfg.serving.vllm.python).expanduser()
+    python = python if python.is_absolute() else ROOT / python
+    if not python.exists():
+        raise SettingsError(f"serving.engine=vllm needs the vllm environment ({python} is missing): run "
+                            "`make install-vllm`, or serve with serving.engine=builtin")
+    return python
+
+
+def bind_vllm_lm(settings: AppSettings):
+    """The LanguageModel on the vllm engine: its replica runs in the vllm environment (runtime_env py_executable);
+    vLLM batches continuously, so no serve.batch."""
+    serving = settings.cfg.serving
+    env_vars = {name: os.environ[name] for name in VLLM_ENV_VARS if name in os.environ}
+    options = {**_actor_options(settings, "LanguageModel", settings.lm_cpus),
+               "runtime_env": {"py_executable": str(vllm_python(settings)), "env_vars": env_vars}}
+    lm = serve.deployment(VllmLanguageModel, name="LanguageModel", ray_actor_options=options,
+                          num_replicas=serving.lm_replicas, max_ongoing_requests=serving.max_ongoing_requests,
+                          max_queued_requests=serving.max_queued_requests)
+    return lm.bind(settings.cfg, settings.run_dir, settings.device, settings.threads)
+
+
 def bind_lm(settings: AppSettings):
     """The LanguageModel deployment, bound (tests bind one with test_token_delay_s behind a second ingress)."""
+    if settings.cfg.serving.engine == "vllm" and settings.test_token_delay_s <= 0:
+        return bind_vllm_lm(settings)
     lm = model_deployment(settings, LanguageModel, "LanguageModel", settings.lm_cpus,
                           num_replicas=settings.cfg.serving.lm_replicas)
     return lm.bind(settings.cfg, settings.run_dir, settings.device, settings.threads, settings.test_token_delay_s)
@@ -126,12 +157,15 @@ def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | No
     """The application builder for `serve run serve_app:build_app key=value ...` and Serve config files."""
     try:
         settings = resolve_settings(args, env)
+        if settings.cfg.serving.engine == "vllm":
+            vllm_python(settings)
     except (SettingsError, ConfigError) as exc:
         if ray.is_initialized():
             raise
         raise SystemExit(f"[serve_app] cannot serve: {exc}") from None  # `serve run`: one line, exit status 1
     where = f" ({settings.run_dir})" if settings.run_dir else ""
-    print(f"[serve_app] preset {settings.cfg.name}; {settings.run_note}{where}"
+    engine = settings.cfg.serving.engine
+    print(f"[serve_app] preset {settings.cfg.name}, engine {engine}; {settings.run_note}{where}"
           f"{'; API key required' if settings.api_key else ''}", flush=True)
     return build_graph(settings)
 

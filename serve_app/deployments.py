@@ -279,7 +279,8 @@ class LanguageModel:
         if test_token_delay_s > 0:
             self.generator = SteadyGenerator(self.generator, test_token_delay_s)
         self.info = {"language_model": source_label(cfg.model.language_model.source),
-                     "adapter": bool(default and default.adapter), "dtype": cfg.model.language_model.dtype}
+                     "adapter": bool(default and default.adapter), "dtype": cfg.model.language_model.dtype,
+                     "engine": "builtin"}
         self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
         self.metrics = LanguageModelMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
@@ -391,3 +392,91 @@ def merge_deltas(deltas: list[Delta]) -> dict:
     return {"text": "".join(d.text for d in deltas), "finish_reason": last.finish_reason,
             "completion_tokens": last.completion_tokens}
 
+
+
+RUN_ADAPTER = object()
+"""VllmLanguageModel.generate's default adapter: the one of the run the request names."""
+
+
+def adapter_ref(run: RunBundle | None):
+    """The vllm engine's handle on a run's LoRA adapter (None: the base model, or a run without an adapter); its
+    name changes when the run is finished again at the same place, so vLLM loads it afresh."""
+    from trimodal.inference.vllm_engine import AdapterRef
+
+    if run is None or run.adapter is None:
+        return None
+    return AdapterRef(run_label(run), run.adapter)
+"""`VllmLanguageModel.generate`'s default adapter: the served run's own (None: the base model)."""
+
+
+class VllmLanguageModel:
+    """The LanguageModel on the vllm engine (serving.engine: vllm), with LanguageModel's interface: describe, stats
+    and generate streaming the same dicts. vLLM batches continuously, so requests go straight to it (no serve.batch);
+    a caller that goes away aborts its request. It runs in the `.venv-vllm` environment (the builder's runtime_env).
+
+    Each request decodes with the LoRA adapter of the run it names (`request.run`; None: the base model), so rows
+    of different runs share vLLM's batches; `generate(request, adapter)` may name an `AdapterRef` instead (tests).
+    LoRA is on unless `lora=False`, so runs found after start can be served. The engine starts in the constructor,
+    so the replica is ready when it answers.
+    """
+
+    def __init__(self, cfg: TrimodalConfig, run_dir: str | None, device: str = "cpu", threads: int | None = None,
+                 lora: bool | None = None):
+        from trimodal.inference.vllm_engine import load_vllm_generator
+        from trimodal.runs import read_run
+
+        set_threads(threads)
+        run = read_run(run_dir)
+        with_lora = lora is not False
+        self.generator = load_vllm_generator(cfg, cfg.lora.target_modules if with_lora else (), device)
+        self.run_adapter = adapter_ref(default_bundle(run_dir))
+        if self.run_adapter is not None:
+            self.generator.lora_request(self.run_adapter)  # refuse an unservable adapter now, not per request
+        self.info = {"language_model": source_label(cfg.model.language_model.source), "adapter": run.has_adapter,
+                     "dtype": cfg.serving.vllm.dtype, "engine": "vllm"}
+        self.counters = {"prompts": 0, "requests": 0, "cancelled": 0, "active": 0}
+        self.generator.start()
+
+    def describe(self) -> dict:
+        return dict(self.info)
+
+    def stats(self) -> dict:
+        """Counters: prompts received, requests decoded, requests cancelled by their caller, requests active."""
+        return dict(self.counters)
+
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Tokenise the turns (ValueError for a prompt over the length limit)."""
+        embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None  # [n, N, H]
+        return tokenize_prompt(self.generator, request.turns, embeds, request.transcripts)
+
+    async def generate(self, request: GenerationRequest, adapter: Any = RUN_ADAPTER) -> AsyncIterator[dict]:
+        """Stream dicts: first {"prompt_tokens"} (or {"error"}), then {"text", "finish_reason", "completion_tokens"}.
+
+        The last dict has a finish_reason. If the caller stops iterating early, the request is aborted.
+        """
+        self.counters["prompts"] += 1
+        adapter = adapter_ref(request.run) if adapter is RUN_ADAPTER else adapter
+        try:
+            prompt = self.prepare(request)
+            self.generator.lora_request(adapter)
+        except ValueError as exc:
+            yield {"error": str(exc)}
+            return
+        yield {"prompt_tokens": len(prompt.input_ids)}
+        self.counters["requests"] += 1
+        self.counters["active"] += 1
+        finished = False
+        try:
+            async for delta in self.generator.stream(prompt, request.params, adapter):
+                finished = delta.finish_reason is not None
+                yield {"text": delta.text, "finish_reason": delta.finish_reason,
+                       "completion_tokens": delta.completion_tokens}
+        finally:
+            self.counters["active"] -= 1
+            if not finished:
+                self.counters["cancelled"] += 1
+
+    def __del__(self):
+        generator = getattr(self, "generator", None)
+        if generator is not None:
+            generator.shutdown()

@@ -288,6 +288,47 @@ class StageConfig:
         _check_range(f"{path}.log_every", self.log_every, 1)
 
 
+ENGINES = ("builtin", "vllm")
+
+
+@dataclass
+class VllmConfig:
+    """The vllm engine of the LanguageModel (serving.engine: vllm); it runs in the `.venv-vllm` environment."""
+
+    dtype: str = "float32"
+    """Compute dtype of the LM in vLLM (float32, bfloat16, float16)."""
+    kv_cache_gib: float = 1.0
+    """KV-cache space in GiB on CPU (vLLM's kv_cache_memory_bytes); on GPU see gpu_memory_utilization."""
+    gpu_memory_utilization: float = 0.6
+    """Fraction of the GPU's memory vLLM may take (weights + KV cache); ignored on CPU."""
+    max_num_seqs: int = 16
+    """Sequences decoded together (continuous batching)."""
+    max_loras: int = 4
+    """LoRA slots: adapters + 1 (base rows need a free slot; vLLM's CPU kernels otherwise give them an adapter)."""
+    max_lora_rank: int = 64
+    """Largest LoRA rank accepted."""
+    lora_target_modules: list[str] = field(default_factory=list)
+    """vLLM module names that take LoRA ([]: lora.target_modules in vLLM's names); never embeddings."""
+    enforce_eager: bool = True
+    """Skip graph capture / compilation (startup ~20 s instead of ~100 s on CPU)."""
+    omp_threads_bind: str = "all"
+    """CPU cores of vLLM's OpenMP threads on CPU: all (every core this process may use), auto (vLLM's), or 0-1."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV cache of a shared prompt prefix across requests."""
+    python: str = ".venv-vllm/bin/python"
+    """The interpreter of the vllm environment, relative to the repository (make install-vllm)."""
+
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.dtype", self.dtype, DTYPES)
+        _check_range(f"{path}.kv_cache_gib", self.kv_cache_gib, 0.0625)
+        _check_range(f"{path}.gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 1.0)
+        _check_range(f"{path}.max_num_seqs", self.max_num_seqs, 1)
+        _check_range(f"{path}.max_loras", self.max_loras, 2)
+        _check_range(f"{path}.max_lora_rank", self.max_lora_rank, 1)
+        if any("embed" in name for name in self.lora_target_modules):
+            raise ConfigError(f"{path}.lora_target_modules: embeddings cannot take LoRA with prompt embeddings")
+
+
 @dataclass
 class ServingConfig:
     """The inference engine and the HTTP API."""
@@ -320,8 +361,14 @@ class ServingConfig:
     """Runs (LoRA adapters; tower + projector image encoders) a replica keeps loaded, least recently used evicted."""
     media_cache_mb: float = 256.0
     """Per Speech / Vision replica: megabytes of transcripts and image embeddings kept for resent media (0: off)."""
+    engine: str = "builtin"
+    """The LanguageModel's engine: builtin (our KV-cache decoder) or vllm (continuous batching, paged KV cache)."""
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    """Settings of the vllm engine."""
 
     def validate(self, path: str) -> None:
+        _check_choice(f"{path}.engine", self.engine, ENGINES)
+        self.vllm.validate(f"{path}.vllm")
         _check_range(f"{path}.port", self.port, 1, 65535)
         _check_range(f"{path}.max_tokens_default", self.max_tokens_default, 1, self.max_tokens_limit)
         _check_range(f"{path}.max_batch_size", self.max_batch_size, 1)

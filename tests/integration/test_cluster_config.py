@@ -163,3 +163,14 @@ def test_cluster_yaml_has_no_secrets():
     if token_file.is_file():
         assert token_file.read_text().strip() not in text
     assert "BEGIN PRIVATE KEY" not in text and "RAY_AUTH_TOKEN=" not in text
+
+
+def test_the_gpu_worker_serves_the_language_model_on_the_vllm_engine(serve_config, cluster):
+    """The worker builds the vllm environment with CUDA vLLM; the config's LanguageModel runs in it."""
+    worker_setup = " ".join(cluster["worker_setup_commands"])
+    assert "make install-vllm" in worker_setup and "VLLM_CONSTRAINTS=constraints-vllm-cuda.txt" in worker_setup
+    assert CUDA_TORCH_INDEX in worker_setup
+    app = serve_config["applications"][0]
+    assert app["args"]["serving.engine"] == "vllm"
+    lm = next(d for d in app["deployments"] if d["name"] == "LanguageModel")
+    assert lm["ray_actor_options"]["runtime_env"]["py_executable"].endswith("/trimodal/.venv-vllm/bin/python")

@@ -75,3 +75,21 @@ def test_every_field_has_a_docstring():
                 nxt = body[i + 1] if i + 1 < len(body) else None
                 documented = isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
                 assert documented, f"{cls.name}.{node.target.id} has no one-line docstring"
+
+
+def test_engine_per_preset_and_overridable():
+    assert load_config("phi2").serving.engine == "vllm"
+    assert load_config("phi2").serving.vllm.dtype == "bfloat16"
+    assert load_config("cpu").serving.engine == "builtin"
+    assert load_config("test").serving.engine == "builtin"
+    cfg = load_config("cpu", ["serving.engine=vllm", "serving.vllm.dtype=bfloat16", "serving.vllm.max_loras=3"])
+    assert (cfg.serving.engine, cfg.serving.vllm.dtype, cfg.serving.vllm.max_loras) == ("vllm", "bfloat16", 3)
+
+
+def test_bad_engine_settings_name_the_field():
+    with pytest.raises(ConfigError, match=r"serving\.engine: 'sglang' is not one of builtin, vllm"):
+        load_config("cpu", ["serving.engine=sglang"])
+    with pytest.raises(ConfigError, match=r"serving\.vllm\.max_loras: 1 is out of range"):
+        load_config("cpu", ["serving.vllm.max_loras=1"])
+    with pytest.raises(ConfigError, match=r"serving\.vllm\.lora_target_modules: embeddings cannot take LoRA"):
+        load_config("cpu", {"serving.vllm.lora_target_modules": ["qkv_proj", "embed_tokens"]})

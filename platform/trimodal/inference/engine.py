@@ -52,15 +52,15 @@ class Delta:
     completion_tokens: int = 0
 
 
-class TextGenerator:
-    """LM + tokenizer: turns -> prompt ids, and batched KV-cache decoding with text deltas."""
+class PromptBuilder:
+    """Turns -> prompt ids, and a prompt -> its merged text + image embeddings: the one way both engines (builtin
+    and vllm) build what the LM reads."""
 
-    def __init__(self, lm, tokenizer, image_end_id: int, max_length: int = 4096):
-        self.lm = lm
+    def __init__(self, tokenizer, embeddings: torch.nn.Module, image_end_id: int, max_length: int = 4096):
         self.tokenizer = tokenizer
+        self.embeddings = embeddings
         self.image_end_id = image_end_id
         self.max_length = max_length
-        self.eos_ids = {tokenizer.eos_token_id}
 
     def encode(self, turns: list[Turn], num_patches: int) -> list[int]:
         """Chat-formatted prompt ids ending with the assistant generation prompt."""
@@ -72,10 +72,64 @@ class TextGenerator:
     @torch.no_grad()
     def embed(self, prompt: Prompt) -> torch.Tensor:
         """Prompt -> inputs_embeds [T, H] with the images merged in."""
-        table = self.lm.get_input_embeddings()
+        table = self.embeddings
         ids = torch.tensor([prompt.input_ids], device=table.weight.device)  # [1, T]
         embeds = merge_image_embeds(table(ids.clamp(min=0)), ids, _to(prompt.image_embeds, table.weight))
         return embeds[0]  # [1, T, H] -> [T, H]
+
+
+class RowText:
+    """One row's answer as deltas: incremental text, stop strings, max_tokens and the finish reason (shared by both
+    engines, so they stream and count alike). `completion_tokens` counts generated tokens, EOS excluded."""
+
+    def __init__(self, row: int, tokenizer, params: SamplingParams):
+        self.row = row
+        self.tracker = TextTracker(tokenizer, params.stop)
+        self.max_tokens = params.max_tokens
+        self.count = 0
+        self.done = False
+
+    def token(self, token_id: int) -> Delta | None:
+        """A new (non-EOS) token: its delta, or None while nothing new is safe to show."""
+        self.count += 1
+        text = self.tracker.add(token_id)
+        if self.tracker.stopped:
+            return self._final(text, "stop")
+        if self.count >= self.max_tokens:
+            return self._final(text + self.tracker.finish(), "length")
+        return Delta(self.row, text, None, self.count) if text else None
+
+    def eos(self) -> Delta:
+        """The row ended on EOS."""
+        return self._final(self.tracker.finish(), "stop")
+
+    def end(self, cancelled: bool) -> Delta:
+        """The row ended otherwise: cancelled by its caller, or max_tokens == 0."""
+        return self._final(self.tracker.finish(), "cancelled" if cancelled else "length")
+
+    def _final(self, text: str, reason: str) -> Delta:
+        self.done = True
+        return Delta(self.row, text, reason, self.count)
+
+
+class TextGenerator:
+    """LM + tokenizer: turns -> prompt ids, and batched KV-cache decoding with text deltas."""
+
+    def __init__(self, lm, tokenizer, image_end_id: int, max_length: int = 4096):
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, lm.get_input_embeddings(), image_end_id, max_length)
+        self.image_end_id = image_end_id
+        self.max_length = max_length
+        self.eos_ids = {tokenizer.eos_token_id}
+
+    def encode(self, turns: list[Turn], num_patches: int) -> list[int]:
+        """Chat-formatted prompt ids ending with the assistant generation prompt."""
+        return self.prompts.encode(turns, num_patches)
+
+    def embed(self, prompt: Prompt) -> torch.Tensor:
+        """Prompt -> inputs_embeds [T, H] with the images merged in."""
+        return self.prompts.embed(prompt)
 
     def stream(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
                cancelled: set[int] | None = None, adapters: Sequence[str] | None = None) -> Iterator[Delta]:
@@ -84,41 +138,34 @@ class TextGenerator:
         `adapters`: each row's peft adapter name ("__base__": the base LM), when `lm` holds several.
         """
         cancelled = cancelled if cancelled is not None else set()
-        trackers = [TextTracker(self.tokenizer, p.stop) for p in params]
-        counts = [0] * len(prompts)
-        done = [False] * len(prompts)
+        rows = [RowText(i, self.tokenizer, p) for i, p in enumerate(params)]
         embeds = [self.embed(p) for p in prompts]
         for step in decode_steps(self.lm, embeds, params, self.eos_ids, cancelled, adapters):
             for row, token in step.tokens:
-                if token == -1:
-                    done[row] = True
-                    yield Delta(row, trackers[row].finish(), "stop", counts[row])
-                    continue
-                counts[row] += 1
-                text = trackers[row].add(token)
-                if trackers[row].stopped:
-                    cancelled.add(row)
-                    done[row] = True
-                    yield Delta(row, text, "stop", counts[row])
-                elif counts[row] >= params[row].max_tokens:
-                    done[row] = True
-                    yield Delta(row, text + trackers[row].finish(), "length", counts[row])
-                elif text:
-                    yield Delta(row, text, None, counts[row])
-        for row in range(len(prompts)):
-            if not done[row]:  # cancelled by the caller, or max_tokens == 0
-                yield Delta(row, trackers[row].finish(), "length" if row not in cancelled else "cancelled", counts[row])
+                delta = rows[row].eos() if token == -1 else rows[row].token(token)
+                if delta is not None and delta.finish_reason == "stop" and token != -1:
+                    cancelled.add(row)  # a stop string: the decoder drops the row
+                if delta is not None:
+                    yield delta
+        for row in rows:
+            if not row.done:  # cancelled by the caller, or max_tokens == 0
+                yield row.end(row.row in cancelled)
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Completion]:
         """Non-streaming batched generation."""
-        texts = [""] * len(prompts)
-        finals: dict[int, Delta] = {}
-        for delta in self.stream(prompts, params):
-            texts[delta.row] += delta.text
-            if delta.finish_reason:
-                finals[delta.row] = delta
-        return [Completion(texts[i], finals[i].finish_reason, len(p.input_ids), finals[i].completion_tokens,
-                           p.transcripts) for i, p in enumerate(prompts)]
+        return collect(self.stream(prompts, params), prompts)
+
+
+def collect(deltas: Iterator[Delta], prompts: Sequence[Prompt]) -> list[Completion]:
+    """Streamed deltas of every row -> one Completion per prompt."""
+    texts = [""] * len(prompts)
+    finals: dict[int, Delta] = {}
+    for delta in deltas:
+        texts[delta.row] += delta.text
+        if delta.finish_reason:
+            finals[delta.row] = delta
+    return [Completion(texts[i], finals[i].finish_reason, len(p.input_ids), finals[i].completion_tokens,
+                       p.transcripts) for i, p in enumerate(prompts)]
 
 
 def _to(tensor: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

@@ -55,7 +55,7 @@ def build_random_lm(shape: TinyLMShape, vocab_size: int, seed: int = 0) -> Llama
         return LlamaForCausalLM(config)
 
 
-def _set_chat_template(tokenizer, choice: str) -> None:
+def set_chat_template(tokenizer, choice: str) -> None:
     if choice == "chatml":
         tokenizer.chat_template = CHATML_TEMPLATE
     elif choice == "instruct" or tokenizer.chat_template is None:
@@ -82,11 +82,11 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
         model.set_attn_implementation(cfg.attn_implementation)
         return model.to(device), tokenizer
     if cfg.source.kind == "random":
-        path = _saved_random_lm(cfg.random_shape, cache_dir or default_cache_dir())  # bitsandbytes loads from disk
+        path = saved_random_lm(cfg.random_shape, cache_dir or default_cache_dir())  # bitsandbytes loads from disk
     else:
         path = resolve_source(cfg.source, cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    _set_chat_template(tokenizer, cfg.chat_template)
+    set_chat_template(tokenizer, cfg.chat_template)
     kwargs = {"dtype": DTYPES[cfg.dtype], "use_safetensors": True, "attn_implementation": cfg.attn_implementation}
     if quant is not None and quant.load_in_4bit:
         kwargs["quantization_config"] = bnb_config(quant)
@@ -97,7 +97,7 @@ def load_language_model(cfg: LanguageModelConfig, quant: QuantConfig | None = No
     return model, tokenizer
 
 
-def _saved_random_lm(shape: TinyLMShape, cache_dir: Path) -> Path:
+def saved_random_lm(shape: TinyLMShape, cache_dir: Path) -> Path:
     """The random LM and tokenizer written once to disk, so quantised loading takes the normal path."""
     name = f"random-lm-{shape.hidden_size}x{shape.num_layers}x{shape.num_heads}x{shape.intermediate_size}"
 
@@ -107,6 +107,17 @@ def _saved_random_lm(shape: TinyLMShape, cache_dir: Path) -> Path:
         tokenizer.save_pretrained(tmp)
 
     return atomic_build(cache_dir / name, build)
+
+
+def lm_directory(cfg: LanguageModelConfig, cache_dir: Path | None = None) -> tuple[Path, PreTrainedTokenizerFast]:
+    """(a directory of the LM's config + safetensors, its tokenizer) for engines that load weights themselves (vLLM);
+    a random LM is written there once, the same weights as `load_language_model` builds."""
+    if cfg.source.kind == "random":
+        return saved_random_lm(cfg.random_shape, cache_dir or default_cache_dir()), build_tiny_tokenizer()
+    path = resolve_source(cfg.source, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    set_chat_template(tokenizer, cfg.chat_template)
+    return path, tokenizer
 
 
 def image_end_id(cfg: LanguageModelConfig, tokenizer) -> int:

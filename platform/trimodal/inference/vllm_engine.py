@@ -1,0 +1,263 @@
+"""The vllm engine: vLLM's AsyncLLM (continuous batching, paged KV cache) decoding the merged text + image
+embeddings that the builtin engine builds (`PromptBuilder`), streaming the same deltas (`RowText`).
+
+It runs in the `.venv-vllm` environment (`make install-vllm`): vLLM pins transformers and fastapi below the
+project's. `vllm` is imported only when an engine starts, so the pure pieces here load in either environment.
+
+- Prompts go in as `{"prompt_embeds": [T, H]}` (`enable_prompt_embeds`); vLLM never tokenises or detokenises
+  (`skip_tokenizer_init`): our tokenizer renders the prompt and `RowText` the answer, exactly as builtin does.
+- EOS is our tokenizer's (vLLM's own EOS check is off, the ids are stop tokens), stop strings end a row through
+  `RowText` and abort its request, as does a caller that goes away.
+- LoRA: a request may name an adapter (`AdapterRef`). Adapters may not target the embeddings (prompt embeddings
+  bypass them; vLLM's wrapper fails on them), and vLLM's CPU kernels give base rows the adapter in the last slot
+  when every slot is taken, so at most `max_loras - 1` adapters are ever loaded (ids from 1).
+- AsyncLLM belongs to the event loop it is first used on: start and use one engine from one loop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import AsyncIterator, Sequence
+
+import torch
+
+from trimodal.config import TrimodalConfig, VllmConfig
+from trimodal.inference.engine import Completion, Delta, Prompt, PromptBuilder, RowText, collect
+from trimodal.inference.requests import SamplingParams, prompt_token_limit
+
+PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+                "up_proj": "gate_up_proj"}
+"""peft target names -> vLLM's fused module names."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class VllmUnavailable(RuntimeError):
+    """The vllm environment is missing or broken; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """A LoRA adapter a request decodes with: a peft adapter directory, under a name unique to it."""
+
+    name: str
+    """The adapter's name (a run's name, say)."""
+    path: str
+    """Its peft directory (adapter_config.json + adapter_model.safetensors)."""
+
+
+def vllm_lora_targets(peft_targets: Sequence[str]) -> list[str]:
+    """peft LoRA target names -> vLLM module names (ValueError for embeddings)."""
+    embeds = [t for t in peft_targets if "embed" in t or t == "lm_head"]
+    if embeds:
+        raise ValueError(f"LoRA on {', '.join(embeds)} cannot serve with the vllm engine (it decodes prompt "
+                         "embeddings); train adapters on the linear layers only")
+    return list(dict.fromkeys(PACKED_NAMES.get(t, t) for t in peft_targets))
+
+
+def check_adapter(path: str | Path) -> list[str]:
+    """The peft target modules of an adapter directory; ValueError if it cannot serve (embeddings, missing)."""
+    config_file = Path(path) / "adapter_config.json"
+    if not config_file.is_file():
+        raise ValueError(f"{path} is not a LoRA adapter (no adapter_config.json)")
+    config = json.loads(config_file.read_text())
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    saved = [m for m in (config.get("modules_to_save") or []) if "embed" in m or m == "lm_head"]
+    vllm_lora_targets(targets + saved)
+    return targets
+
+
+def omp_threads_bind(setting: str) -> str:
+    """VLLM_CPU_OMP_THREADS_BIND for a setting: `all` -> the cores this process may run on (e.g. 0-1)."""
+    if setting != "all":
+        return setting
+    cores = sorted(os.sched_getaffinity(0))
+    contiguous = cores == list(range(cores[0], cores[-1] + 1))
+    return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
+
+
+def engine_env(vcfg: VllmConfig) -> dict[str, str]:
+    """Environment variables vLLM reads at start (OpenMP core binding on CPU)."""
+    return {"VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(vcfg.omp_threads_bind)}
+
+
+def engine_kwargs(model_dir: str | Path, vcfg: VllmConfig, lora_targets: Sequence[str], max_model_len: int,
+                  device: str = "cpu") -> dict:
+    """AsyncEngineArgs keyword arguments for our use of vLLM."""
+    kwargs = {"model": str(model_dir), "dtype": vcfg.dtype, "enable_prompt_embeds": True,
+              "skip_tokenizer_init": True, "enforce_eager": vcfg.enforce_eager, "max_num_seqs": vcfg.max_num_seqs,
+              "max_model_len": max_model_len, "enable_prefix_caching": vcfg.enable_prefix_caching, "seed": 0}
+    if lora_targets:
+        kwargs.update(enable_lora=True, max_loras=vcfg.max_loras, max_lora_rank=vcfg.max_lora_rank,
+                      lora_target_modules=list(lora_targets))
+    if device.startswith("cuda"):
+        kwargs["gpu_memory_utilization"] = vcfg.gpu_memory_utilization
+    else:
+        kwargs["kv_cache_memory_bytes"] = int(vcfg.kv_cache_gib * 2**30)
+    return kwargs
+
+
+def sampling_kwargs(params: SamplingParams, eos_ids: set[int]) -> dict:
+    """vLLM SamplingParams keyword arguments matching the builtin decoder (our EOS, our detokenising)."""
+    return {"n": 1, "max_tokens": params.max_tokens, "temperature": params.temperature,
+            "top_p": params.top_p if params.temperature > 0 else 1.0, "seed": params.seed, "ignore_eos": True,
+            "stop_token_ids": sorted(eos_ids), "detokenize": False}
+
+
+class AdapterSlots:
+    """LoRARequest ids for adapters by name, ids from 1; at most `limit` adapters (vLLM's max_loras - 1)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.ids: dict[str, tuple[int, str]] = {}
+
+    def id_for(self, adapter: AdapterRef) -> int:
+        """The adapter's id (ValueError: a second path under one name, or more adapters than slots)."""
+        known = self.ids.get(adapter.name)
+        if known is not None:
+            if known[1] != adapter.path:
+                raise ValueError(f"adapter {adapter.name!r} is already loaded from another directory")
+            return known[0]
+        if len(self.ids) >= self.limit:
+            raise ValueError(f"the vllm engine holds at most {self.limit} LoRA adapters "
+                             f"(serving.vllm.max_loras - 1); raise serving.vllm.max_loras")
+        check_adapter(adapter.path)
+        self.ids[adapter.name] = (len(self.ids) + 1, adapter.path)
+        return len(self.ids)
+
+
+class VllmGenerator:
+    """vLLM decoding with the builtin engine's prompts and deltas; one request per call, batched by vLLM."""
+
+    def __init__(self, prompts: PromptBuilder, kwargs: dict, env: dict[str, str], eos_ids: set[int], dtype: str,
+                 max_loras: int):
+        self.prompts = prompts
+        self.kwargs = kwargs
+        self.env = env
+        self.eos_ids = set(eos_ids)
+        self.dtype = DTYPES[dtype]
+        self.adapters = AdapterSlots(max_loras - 1)
+        self._engine = None
+
+    def encode(self, turns, num_patches: int) -> list[int]:
+        """Chat-formatted prompt ids (the builtin engine's, same limit)."""
+        return self.prompts.encode(turns, num_patches)
+
+    def start(self):
+        """Start the engine (once; call it from the event loop that will use it)."""
+        if self._engine is None:
+            os.environ.update(self.env)
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
+        return self._engine
+
+    def shutdown(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None
+
+    def lora_request(self, adapter: AdapterRef | None):
+        """vLLM's LoRARequest for an adapter (None for the base model); ValueError if it cannot serve."""
+        if adapter is None:
+            return None
+        if not self.kwargs.get("enable_lora"):
+            raise ValueError("this vllm engine was started without LoRA (no adapter targets)")
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(adapter.name, self.adapters.id_for(adapter), adapter.path)
+
+    def _sampling(self, params: SamplingParams):
+        from vllm import SamplingParams as VllmSampling
+        from vllm.sampling_params import RequestOutputKind
+
+        return VllmSampling(output_kind=RequestOutputKind.DELTA, **sampling_kwargs(params, self.eos_ids))
+
+    async def stream(self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None,
+                     row: int = 0) -> AsyncIterator[Delta]:
+        """One request's deltas (row index `row`); closing the iterator early aborts the request."""
+        text = RowText(row, self.prompts.tokenizer, params)
+        lora = self.lora_request(adapter)
+        if params.max_tokens <= 0:
+            yield text.end(False)
+            return
+        engine = self.start()
+        embeds = self.prompts.embed(prompt).to(self.dtype).cpu()  # [T, H]
+        request_id = uuid.uuid4().hex
+        reason = None
+        try:
+            async for out in engine.generate({"prompt_embeds": embeds}, self._sampling(params), request_id,
+                                             lora_request=lora):
+                for delta in self._deltas(text, out.outputs[0].token_ids):
+                    yield delta
+                reason = out.outputs[0].finish_reason
+                if text.done:
+                    break
+            if not text.done:
+                yield text.eos() if reason == "stop" else text.end(False)
+        finally:
+            if not text.done or reason is None:
+                await engine.abort(request_id)
+
+    def _deltas(self, text: RowText, token_ids: Sequence[int]) -> list[Delta]:
+        deltas = []
+        for token in token_ids:
+            delta = text.eos() if token in self.eos_ids else text.token(token)
+            if delta is not None:
+                deltas.append(delta)
+            if text.done:
+                break
+        return deltas
+
+    async def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams],
+                       adapters: Sequence[AdapterRef | None] | None = None) -> list[Completion]:
+        """All prompts at once (vLLM batches them), non-streaming."""
+        import asyncio
+
+        adapters = adapters or [None] * len(prompts)
+
+        async def run(i: int) -> list[Delta]:
+            return [d async for d in self.stream(prompts[i], params[i], adapters[i], row=i)]
+
+        rows = await asyncio.gather(*(run(i) for i in range(len(prompts))))
+        return collect(iter([d for deltas in rows for d in deltas]), prompts)
+
+
+def load_embedding_table(model_dir: str | Path) -> torch.nn.Embedding:
+    """The LM's input embedding table, read from its safetensors (float32) without loading the model."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            names = [k for k in handle.keys() if k.endswith("embed_tokens.weight")]
+            if names:
+                return torch.nn.Embedding.from_pretrained(handle.get_tensor(names[0]).float(), freeze=True)
+    raise FileNotFoundError(f"{model_dir}: no embed_tokens.weight in its safetensors files")
+
+
+def max_model_len(cfg: TrimodalConfig, model_dir: str | Path) -> int:
+    """The longest prompt plus the most new tokens, within the model's position limit."""
+    want = prompt_token_limit(cfg) + cfg.serving.max_tokens_limit
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return min(want, config.get("max_position_embeddings") or want)
+
+
+def load_vllm_generator(cfg: TrimodalConfig, adapter_targets: Sequence[str] = (), device: str = "cpu",
+                        max_prompt_tokens: int | None = None) -> VllmGenerator:
+    """The config's LM as a VllmGenerator; `adapter_targets`: the peft targets its adapters may have (the
+    config's lora.target_modules when serving runs; empty: no LoRA). The engine starts on first use."""
+    from trimodal.models.language import image_end_id, lm_directory
+
+    vcfg = cfg.serving.vllm
+    model_dir, tokenizer = lm_directory(cfg.model.language_model)
+    limit = max_prompt_tokens if max_prompt_tokens is not None else prompt_token_limit(cfg)
+    prompts = PromptBuilder(tokenizer, load_embedding_table(model_dir), image_end_id(cfg.model.language_model,
+                                                                                     tokenizer), limit)
+    targets = vcfg.lora_target_modules or (vllm_lora_targets(adapter_targets) if adapter_targets else [])
+    kwargs = engine_kwargs(model_dir, vcfg, targets, max_model_len(cfg, model_dir), device)
+    return VllmGenerator(prompts, kwargs, engine_env(vcfg), {tokenizer.eos_token_id}, vcfg.dtype, vcfg.max_loras)
