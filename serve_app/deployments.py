@@ -435,6 +435,7 @@ class VllmLanguageModel:
         self.info = {"language_model": source_label(cfg.model.language_model.source), "adapter": run.has_adapter,
                      "dtype": cfg.serving.vllm.dtype, "engine": "vllm"}
         self.counters = {"prompts": 0, "requests": 0, "cancelled": 0, "active": 0}
+        self.generator.export_metrics_to_ray()  # queue time, running requests, KV cache use: vLLM's own metrics
         self.generator.start()
 
     def describe(self) -> dict:

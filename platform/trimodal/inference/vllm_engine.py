@@ -141,7 +141,17 @@ class VllmGenerator:
         self.eos_ids = set(eos_ids)
         self.dtype = DTYPES[dtype]
         self.adapters = AdapterSlots(max_loras - 1)
+        self.stat_loggers: list = []
+        """vLLM stat-logger factories the engine starts with (none: vLLM records no metrics)."""
         self._engine = None
+
+    def export_metrics_to_ray(self) -> None:
+        """Have the engine record its own metrics (vllm:num_requests_running, vllm:kv_cache_usage_perc, time to
+        first token, ...) through Ray's metrics API, exported as `ray_vllm_*` with Ray's (call before start)."""
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        self.kwargs["disable_log_stats"] = False
+        self.stat_loggers = [RayPrometheusStatLogger]
 
     def encode(self, turns, num_patches: int) -> list[int]:
         """Chat-formatted prompt ids (the builtin engine's, same limit)."""
@@ -154,7 +164,8 @@ class VllmGenerator:
             from vllm.engine.arg_utils import AsyncEngineArgs
             from vllm.v1.engine.async_llm import AsyncLLM
 
-            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs))
+            self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.kwargs),
+                                                     stat_loggers=self.stat_loggers or None)
         return self._engine
 
     def shutdown(self) -> None:
