@@ -20,6 +20,12 @@ def side_by_side(client: OpenAI) -> list[tuple[str, str]]:
     return [(details.get("run") or default.id, default.id), ("base", base.id)]
 
 
+def one_line(text: str) -> str:
+    """An answer as one printable line: line breaks and control characters (an untrained model emits any) become
+    spaces, so each model's answer stays on its own line."""
+    return "".join(ch if ch.isprintable() else " " for ch in text).strip()
+
+
 def ask(client: OpenAI, models: list[tuple[str, str]], title: str, content) -> None:
     print(f"\n[{title}]")
     for label, model in models:
@@ -28,7 +34,7 @@ def ask(client: OpenAI, models: list[tuple[str, str]], title: str, content) -> N
                                                messages=[{"role": "user", "content": content}])
         for transcript in (reply.model_extra or {}).get("transcripts", []):  # trimodal adds what the audio said
             print(f"  transcript used: {transcript!r}")
-        answer = reply.choices[0].message.content.strip()
+        answer = one_line(reply.choices[0].message.content)
         shown = answer or f"(an empty answer; finish reason {reply.choices[0].finish_reason})"
         print(f"  {label:>16} ({time.perf_counter() - start:.1f} s): {shown}")
 
