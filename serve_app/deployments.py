@@ -29,7 +29,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -68,6 +68,23 @@ def megabytes(mb: float) -> int:
     return int(mb * 1024 * 1024)
 
 
+async def through_cache(cache: MediaCache, metrics: EncoderMetrics, keys: list[str], executor: ThreadPoolExecutor,
+                        encode: Callable[[list[int]], list], size: Callable[[Any], int]) -> list:
+    """One result per key: from the cache where it has the key, the rest from `encode(indices of the misses)` run
+    once in `executor` (timed), then cached. Hits, misses and encoder seconds go to `metrics`."""
+    out = [cache.get(key) for key in keys]
+    missing = [i for i, value in enumerate(out) if value is None]
+    metrics.lookups(len(keys) - len(missing), len(missing))
+    if missing:
+        started = time.perf_counter()
+        fresh = await asyncio.get_running_loop().run_in_executor(executor, encode, missing)
+        metrics.encoded(time.perf_counter() - started)
+        for i, value in zip(missing, fresh, strict=True):
+            out[i] = value
+            cache.put(keys[i], value, size(value))
+    return out
+
+
 async def run_batch_of_one(batch_method, item) -> Any:
     """Call a list method with one item and unwrap its single result."""
     return (await batch_method([item]))[0]
@@ -94,20 +111,11 @@ class Speech:
 
     async def transcribe_batch(self, audios: list[np.ndarray]) -> list[str]:
         """Transcripts of several clips: cached ones from the cache, the rest decoded together."""
+        def transcribe(missing: list[int]) -> list[str]:
+            return self.transcriber.transcribe_batch([audios[i] for i in missing])
+
         keys = [audio_key(audio) for audio in audios]
-        texts = [self.cache.get(key) for key in keys]
-        missing = [i for i, text in enumerate(texts) if text is None]
-        self.metrics.lookups(len(audios) - len(missing), len(missing))
-        if missing:
-            loop = asyncio.get_running_loop()
-            started = time.perf_counter()
-            fresh = await loop.run_in_executor(self._executor, self.transcriber.transcribe_batch,
-                                               [audios[i] for i in missing])
-            self.metrics.encoded(time.perf_counter() - started)
-            for i, text in zip(missing, fresh, strict=True):
-                texts[i] = text
-                self.cache.put(keys[i], text, text_size(text))
-        return texts
+        return await through_cache(self.cache, self.metrics, keys, self._executor, transcribe, text_size)
 
     def describe(self) -> dict:
         return {"speech": source_label(self.source)}
@@ -167,20 +175,12 @@ class Vision:
                            runs: list[RunBundle | None] | None = None) -> list[np.ndarray]:
         """Embeddings of several images: cached ones from the cache, the rest in one forward pass per run."""
         runs = runs or [None] * len(images)
+
+        def encode(missing: list[int]) -> list[np.ndarray]:
+            return self._encode([images[i] for i in missing], [runs[i] for i in missing])
+
         keys = [image_key(image, run_label(run)) for image, run in zip(images, runs, strict=True)]
-        out = [self.cache.get(key) for key in keys]
-        missing = [i for i, embeds in enumerate(out) if embeds is None]
-        self.metrics.lookups(len(images) - len(missing), len(missing))
-        if missing:
-            loop = asyncio.get_running_loop()
-            started = time.perf_counter()
-            fresh = await loop.run_in_executor(self._executor, self._encode, [images[i] for i in missing],
-                                               [runs[i] for i in missing])
-            self.metrics.encoded(time.perf_counter() - started)
-            for i, embeds in zip(missing, fresh, strict=True):
-                out[i] = embeds
-                self.cache.put(keys[i], embeds, array_size(embeds))
-        return out
+        return await through_cache(self.cache, self.metrics, keys, self._executor, encode, array_size)
 
     def _encode(self, images: list[Image.Image], runs: list[RunBundle | None]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0)] * len(images)
