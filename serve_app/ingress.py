@@ -395,7 +395,7 @@ class Ingress:
         """A whole (non-streaming) answer, from the model id `model`, with its `timings`."""
         text, last = [], {"finish_reason": "stop", "completion_tokens": 0}
         async for item in stream:
-            if item["text"]:
+            if item["completion_tokens"]:  # a token, even one whose text is not complete yet
                 timings.token(time.perf_counter())
             text.append(item["text"])
             last = item
@@ -427,8 +427,9 @@ class Ingress:
             item = {"completion_tokens": 0}
             while not finished:
                 item = await self._with_deadline(anext(stream), deadline)
-                if item["text"]:
+                if item["completion_tokens"]:
                     timings.token(time.perf_counter())
+                if item["text"]:
                     yield sse_event(chunk_object(rid, model, created, {"content": item["text"]}))
                 finished = item["finish_reason"] is not None
             last = chunk_object(rid, model, created, {}, item["finish_reason"])
