@@ -4,7 +4,7 @@ The OpenAI API is stateless, so turn k sends the whole conversation again: the f
 recorded question), the answers so far and the new question. With the media cache (serving.media_cache_mb > 0)
 the Speech and Vision replicas answer turns 2 and 3 from their caches and skip Whisper and CLIP; with it off they
 encode everything again. Both graphs are served in turn on one private local Ray over real HTTP; each
-conversation uses a new image, so its first turn always encodes.
+conversation uses a new image and a new take of the clip, so its first turn always encodes both.
 
 Per (cache, turn): time to first token (the server's, from arrival to the first generated token) p50 / mean over
 the conversations, and the ratio against turn 1 of the same
@@ -32,6 +32,20 @@ SPOKEN = ROOT / "tests" / "data" / "what_color.wav"
 """The recorded first question (espeak-ng: "What color is the shape?")."""
 FOLLOW_UPS = ("What shape is it?", "How many shapes are there?")
 """Turns 2 and 3, typed."""
+
+
+def spoken_variant(wav: bytes, index: int) -> bytes:
+    """The recorded question with `index` x 10 ms of silence appended: the same words, other samples, so each
+    conversation's first turn transcribes afresh (the cache keys clips by their samples)."""
+    import io
+
+    import soundfile as sf
+
+    samples, rate = sf.read(io.BytesIO(wav), dtype="float32")
+    padded = np.concatenate([samples, np.zeros((rate // 100 * index,) + samples.shape[1:], np.float32)])
+    out = io.BytesIO()
+    sf.write(out, padded, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
 
 
 def first_message(png: bytes, wav: bytes) -> dict:
@@ -101,10 +115,11 @@ def measure(base: str, app_args: dict, cache_mb: float, pngs: list[bytes], wav: 
     name = f"cache{int(cache_mb)}"
     serve.run(build_app({**app_args, "serving.media_cache_mb": cache_mb}), name=name, route_prefix=f"/{name}")
     url = f"{base}/{name}"
-    asyncio.run(conversation(url, pngs[-1], wav, max_tokens))  # warm-up, on an image the timed chats do not use
+    warm_up = len(pngs) - 1  # on an image and a clip the timed chats do not use
+    asyncio.run(conversation(url, pngs[warm_up], spoken_variant(wav, warm_up), max_tokens))
     runs = []
     for i, png in enumerate(pngs[:-1]):
-        runs.append(asyncio.run(conversation(url, png, wav, max_tokens)))
+        runs.append(asyncio.run(conversation(url, png, spoken_variant(wav, i), max_tokens)))
         print(f"[bench] cache {cache_mb:g} MB, chat {i + 1}: TTFT " + ", ".join(f"{t:.3f}" for t in runs[-1]) + " s",
               flush=True)
     serve.delete(name)
