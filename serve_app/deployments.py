@@ -68,20 +68,24 @@ def megabytes(mb: float) -> int:
     return int(mb * 1024 * 1024)
 
 
-async def through_cache(cache: MediaCache, metrics: EncoderMetrics, keys: list[str], executor: ThreadPoolExecutor,
-                        encode: Callable[[list[int]], list], size: Callable[[Any], int]) -> list:
-    """One result per key: from the cache where it has the key, the rest from `encode(indices of the misses)` run
-    once in `executor` (timed), then cached. Hits, misses and encoder seconds go to `metrics`."""
-    out = [cache.get(key) for key in keys]
+async def through_cache(cache: MediaCache, metrics: EncoderMetrics, n: int, key_of: Callable[[int], str],
+                        executor: ThreadPoolExecutor, encode: Callable[[list[int]], list],
+                        size: Callable[[Any], int]) -> list:
+    """n results: from the cache where it has item i's key (`key_of(i)`; not computed when the cache is off), the
+    rest from `encode(indices of the misses)` run once in `executor` (timed), then cached. Hits and misses are
+    counted by the cache (stats()) and exported by `metrics`, with the encoder seconds."""
+    keys = [key_of(i) for i in range(n)] if cache.enabled else []
+    out = [cache.get(key) for key in keys] if cache.enabled else [None] * n
     missing = [i for i, value in enumerate(out) if value is None]
-    metrics.lookups(len(keys) - len(missing), len(missing))
+    metrics.lookups(n - len(missing), len(missing))
     if missing:
         started = time.perf_counter()
         fresh = await asyncio.get_running_loop().run_in_executor(executor, encode, missing)
         metrics.encoded(time.perf_counter() - started)
         for i, value in zip(missing, fresh, strict=True):
             out[i] = value
-            cache.put(keys[i], value, size(value))
+            if cache.enabled:
+                cache.put(keys[i], value, size(value))
     return out
 
 
@@ -114,8 +118,8 @@ class Speech:
         def transcribe(missing: list[int]) -> list[str]:
             return self.transcriber.transcribe_batch([audios[i] for i in missing])
 
-        keys = [audio_key(audio) for audio in audios]
-        return await through_cache(self.cache, self.metrics, keys, self._executor, transcribe, text_size)
+        return await through_cache(self.cache, self.metrics, len(audios), lambda i: audio_key(audios[i]),
+                                   self._executor, transcribe, text_size)
 
     def describe(self) -> dict:
         return {"speech": source_label(self.source)}
@@ -179,8 +183,9 @@ class Vision:
         def encode(missing: list[int]) -> list[np.ndarray]:
             return self._encode([images[i] for i in missing], [runs[i] for i in missing])
 
-        keys = [image_key(image, run_label(run)) for image, run in zip(images, runs, strict=True)]
-        return await through_cache(self.cache, self.metrics, keys, self._executor, encode, array_size)
+        return await through_cache(self.cache, self.metrics, len(images),
+                                   lambda i: image_key(images[i], run_label(runs[i])), self._executor, encode,
+                                   array_size)
 
     def _encode(self, images: list[Image.Image], runs: list[RunBundle | None]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0)] * len(images)
@@ -433,7 +438,7 @@ class VllmLanguageModel:
         if self.run_adapter is not None:
             self.generator.lora_request(self.run_adapter)  # refuse an unservable adapter now, not per request
         self.info = {"language_model": source_label(cfg.model.language_model.source), "adapter": run.has_adapter,
-                     "dtype": cfg.serving.vllm.dtype, "engine": "vllm"}
+                     "dtype": str(self.generator.dtype).removeprefix("torch."), "engine": "vllm"}
         self.counters = {"prompts": 0, "requests": 0, "cancelled": 0, "active": 0}
         self.generator.export_metrics_to_ray()  # queue time, running requests, KV cache use: vLLM's own metrics
         self.generator.start()

@@ -112,12 +112,11 @@ class EncoderMetrics:
         self.tallies["encoded"] += 1
 
     def lookups(self, hits: int, misses: int) -> None:
+        """Export cache hits and misses (the cache's own stats are the local count)."""
         if hits:
             self._hits.inc(hits, tags={"kind": self.kind})
         if misses:
             self._misses.inc(misses, tags={"kind": self.kind})
-        self.tallies["hits"] += hits
-        self.tallies["misses"] += misses
 
 
 @dataclass
