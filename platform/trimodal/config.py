@@ -296,7 +296,8 @@ class VllmConfig:
     """The vllm engine of the LanguageModel (serving.engine: vllm); it runs in the `.venv-vllm` environment."""
 
     dtype: str = "float32"
-    """Compute dtype of the LM in vLLM (float32, bfloat16, float16)."""
+    """Compute dtype of the LM in vLLM (float32, bfloat16, float16; auto: bfloat16 where the device runs it natively,
+    else float32)."""
     kv_cache_gib: float = 1.0
     """KV-cache space in GiB on CPU (vLLM's kv_cache_memory_bytes); on GPU see gpu_memory_utilization."""
     gpu_memory_utilization: float = 0.6
@@ -319,7 +320,7 @@ class VllmConfig:
     """The interpreter of the vllm environment, relative to the repository (make install-vllm)."""
 
     def validate(self, path: str) -> None:
-        _check_choice(f"{path}.dtype", self.dtype, DTYPES)
+        _check_choice(f"{path}.dtype", self.dtype, (*DTYPES, "auto"))
         _check_range(f"{path}.kv_cache_gib", self.kv_cache_gib, 0.0625)
         _check_range(f"{path}.gpu_memory_utilization", self.gpu_memory_utilization, 0.05, 1.0)
         _check_range(f"{path}.max_num_seqs", self.max_num_seqs, 1)

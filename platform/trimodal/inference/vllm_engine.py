@@ -16,6 +16,7 @@ project's. `vllm` is imported only when an engine starts, so the pure pieces her
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import uuid
@@ -26,6 +27,7 @@ from typing import AsyncIterator, Sequence
 import torch
 
 from trimodal.config import TrimodalConfig, VllmConfig
+from trimodal.hardware import resolve_dtype
 from trimodal.inference.engine import Completion, Delta, Prompt, PromptBuilder, RowText, collect
 from trimodal.inference.requests import SamplingParams, prompt_token_limit
 
@@ -264,7 +266,7 @@ def load_vllm_generator(cfg: TrimodalConfig, adapter_targets: Sequence[str] = ()
     config's lora.target_modules when serving runs; empty: no LoRA). The engine starts on first use."""
     from trimodal.models.language import image_end_id, lm_directory
 
-    vcfg = cfg.serving.vllm
+    vcfg = dataclasses.replace(cfg.serving.vllm, dtype=resolve_dtype(cfg.serving.vllm.dtype, device))
     model_dir, tokenizer = lm_directory(cfg.model.language_model)
     limit = max_prompt_tokens if max_prompt_tokens is not None else prompt_token_limit(cfg)
     prompts = PromptBuilder(tokenizer, load_embedding_table(model_dir), image_end_id(cfg.model.language_model,

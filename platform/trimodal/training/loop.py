@@ -18,6 +18,7 @@ import ray.train.torch
 import torch
 
 from trimodal.config import StageConfig, TrimodalConfig, config_from_dict
+from trimodal.hardware import native_bf16
 from trimodal.runs import RunInfo
 from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state, weights_digest
 from trimodal.training.collate import Batch, Collator
@@ -62,14 +63,6 @@ def build_stage(cfg: TrimodalConfig, options: LoopOptions, device, ckpt_dir: Pat
 def _to_device(batch: Batch, device) -> Batch:
     feats = None if batch.image_features is None else batch.image_features.to(device)
     return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), feats)
-
-
-def native_bf16(device) -> bool:
-    """Whether `device` runs bfloat16 matmuls natively (CUDA with bf16, or a CPU with AMX or AVX512-BF16)."""
-    if str(device).startswith("cuda"):
-        return torch.cuda.is_bf16_supported()
-    cpu = torch.cpu
-    return any(getattr(cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
 
 
 def use_autocast(stage: StageConfig, device) -> bool:

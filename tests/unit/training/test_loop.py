@@ -5,7 +5,8 @@ import dataclasses
 import torch
 
 from trimodal.config import load_config
-from trimodal.training.loop import native_bf16, use_autocast
+from trimodal.hardware import native_bf16
+from trimodal.training.loop import use_autocast
 
 
 def test_autocast_only_when_asked_for():
