@@ -12,13 +12,13 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "platform" / "trimodal"
 
 ALLOWED = {
-    "config": set(), "files": set(), "audio": set(),
+    "config": set(), "files": set(), "audio": set(), "hardware": set(),
     "weights": {"config", "files"},
     "models": {"config", "files", "weights", "audio"},
     "data": {"config", "files", "models"},
-    "inference": {"config", "files", "audio", "models"},
+    "inference": {"config", "files", "audio", "hardware", "models"},
     "runs": {"config", "files", "weights", "models", "inference"},
-    "training": {"config", "files", "models", "data", "inference", "runs"},
+    "training": {"config", "files", "hardware", "models", "data", "inference", "runs"},
     "evaluation": {"config", "files", "models", "data", "inference", "runs"},
 }
 """Part -> the parts it may import. `cli` and `__main__` (entry points) may import any part."""
