@@ -1,0 +1,198 @@
+"""The Serve graph with the vllm engine (serving.engine=vllm) on a local Ray, over real HTTP on 127.0.0.1, with the
+official `openai` client: text, an image, a spoken question, streaming, and two runs chosen by `model` beside the
+base model, each answer compared with the builtin engine's in this process (greedy, float32: the same text).
+
+The LanguageModel replica runs in `.venv-vllm` (runtime_env py_executable; make install-vllm, which CI runs). The
+model is the `test` preset's tiny Llama with 2 heads (vLLM's CPU attention needs a head size of at least 32). Ray's
+Prometheus export is scraped at the end: vLLM's own engine metrics from the replica sit beside trimodal's.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import socket
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # serve_app lives at the repo root
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+MODEL = "trimodal-test"
+OVERRIDES = {"model.language_model.random_shape.num_heads": 2, "serving.vllm.max_loras": 3}  # two adapters + base
+SETTINGS = {"preset": "test", "run": "none", "threads": 1, "serving.engine": "vllm", **OVERRIDES}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def png(color=(220, 30, 30)) -> bytes:
+    img = Image.new("RGB", (64, 64), (245, 245, 245))
+    img.paste(Image.new("RGB", (32, 32), color), (16, 16))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def image_part(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(data).decode()}}
+
+
+def audio_part(data: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+
+
+def text_part(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, make_run) -> Path:
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root, "one", 1)
+    make_run(root, "two", 2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, runs_dir, monkeypatch_module):
+    """(base url, metrics port) of a Serve app whose LanguageModel runs on the vllm engine."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip(f"the vllm environment is not installed ({VLLM_PYTHON} missing): run `make install-vllm`")
+    import ray
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    tmp = tmp_path_factory.mktemp("vllm-serve")
+    monkeypatch_module.setenv("VLLM_CACHE_ROOT", str(tmp / "vllm-cache"))  # the replica inherits these
+    monkeypatch_module.setenv("TRIMODAL_CACHE", str(tmp / "trimodal-cache"))
+    if ray.is_initialized():
+        ray.shutdown()
+    metrics_port = _free_port()
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False,
+             _metrics_export_port=metrics_port)
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({**SETTINGS, "runs_dir": str(runs_dir)}), name="main", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", metrics_port
+    serve.shutdown()
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=server[0] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def builtin(runs_dir):
+    """chat(messages, run, max_tokens) -> the builtin engine's greedy text, in this process, same config."""
+    from trimodal.config import load_config
+    from trimodal.inference.requests import SamplingParams
+    from trimodal.runs import load_engine
+
+    cfg = load_config("test", OVERRIDES)
+    engines = {}
+
+    def chat(messages, run: str | None, max_tokens: int) -> str:
+        if run not in engines:
+            engines[run] = load_engine(cfg, runs_dir / run / "final" if run else None)
+        return engines[run].chat(messages, SamplingParams(max_tokens=max_tokens)).text
+
+    return chat
+
+
+def test_the_replica_runs_the_vllm_engine(server, client):
+    from ray import serve
+
+    info = serve.get_deployment_handle("LanguageModel", app_name="main").describe.remote().result()
+    assert info["engine"] == "vllm" and info["dtype"] == "float32"
+    assert [m.id for m in client.models.list().data] == [MODEL, MODEL + "/base", "one", "two"]
+
+
+def test_text_matches_the_builtin_engine(client, builtin):
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=16)
+    assert resp.choices[0].message.content == builtin(messages, None, 16)
+    assert resp.usage.prompt_tokens > 0 and 1 <= resp.usage.completion_tokens <= 16
+
+
+def test_image_matches_the_builtin_engine(client, builtin):
+    messages = [{"role": "user", "content": [image_part(png()), text_part("What color is the square?")]}]
+    resp = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
+    assert resp.choices[0].message.content == builtin(messages, None, 12)
+
+
+def test_spoken_question_with_an_image(client):
+    wav = (ROOT / "tests" / "data" / "what_color.wav").read_bytes()
+    resp = client.chat.completions.create(model=MODEL, max_tokens=6, messages=[
+        {"role": "user", "content": [image_part(png((30, 30, 220))), audio_part(wav)]}])
+    assert resp.choices[0].finish_reason in ("stop", "length") and resp.usage.completion_tokens >= 1
+    assert len(resp.model_extra["transcripts"]) == 1
+
+
+def test_streaming_gives_the_whole_answer(client):
+    messages = [{"role": "user", "content": [image_part(png()), text_part("Describe the image.")]}]
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == whole.choices[0].message.content and finish == [whole.choices[0].finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # streamed, not one piece
+
+
+def test_two_runs_chosen_by_model_answer_as_in_process(client, builtin):
+    """Each id decodes with its run's projector and LoRA adapter (the base id: neither), also when all three are
+    asked at once and share vLLM's batches."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages = [{"role": "user", "content": [image_part(png()), text_part("What color is the square?")]}]
+    runs = {MODEL + "/base": None, "one": "one", "two": "two"}
+    expected = {model: builtin(messages, run, 12) for model, run in runs.items()}
+    assert len(set(expected.values())) == 3  # the control: base, one and two answer differently
+
+    def ask(model: str) -> str:
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=12)
+        assert resp.model == model
+        return resp.choices[0].message.content
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, list(runs) * 2))
+    assert answers == [expected[m] for m in list(runs) * 2]
+
+
+def test_vllm_engine_metrics_are_exported(server, client):
+    """vLLM's own engine metrics (exported through Ray from the replica) sit beside trimodal's in one scrape."""
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+    names: set[str] = set()
+    deadline = time.monotonic() + 90  # Ray's metrics agent reports every few seconds
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server[1]}/metrics", timeout=30) as response:
+            names = set(re.findall(r"^(ray_(?:vllm|trimodal)_\w+?)(?:\{|\s)", response.read().decode(), re.M))
+        if any(n.startswith("ray_vllm_") for n in names) and "ray_trimodal_time_to_first_token_seconds_sum" in names:
+            break
+        time.sleep(3)
+    vllm_names = sorted(n for n in names if n.startswith("ray_vllm_"))
+    assert vllm_names and "ray_trimodal_time_to_first_token_seconds_sum" in names, sorted(names)
+    print("vLLM metrics exported:", ", ".join(vllm_names))
