@@ -315,7 +315,9 @@ class VllmConfig:
     omp_threads_bind: str = "all"
     """CPU cores of vLLM's OpenMP threads on CPU: all (every core this process may use), auto (vLLM's), or 0-1."""
     enable_prefix_caching: bool = True
-    """Reuse the KV cache of a shared prompt prefix across requests."""
+    """Reuse the KV cache of a shared prompt prefix across requests (whole KV blocks only)."""
+    block_size: int = 0
+    """Tokens per KV-cache block (0: vLLM's default, 128 on CPU and 16 on CUDA); a prefix is reused block by block."""
     python: str = ".venv-vllm/bin/python"
     """The interpreter of the vllm environment, relative to the repository (make install-vllm)."""
 
@@ -326,6 +328,7 @@ class VllmConfig:
         _check_range(f"{path}.max_num_seqs", self.max_num_seqs, 1)
         _check_range(f"{path}.max_loras", self.max_loras, 2)
         _check_range(f"{path}.max_lora_rank", self.max_lora_rank, 1)
+        _check_range(f"{path}.block_size", self.block_size, 0)
         if any("embed" in name for name in self.lora_target_modules):
             raise ConfigError(f"{path}.lora_target_modules: embeddings cannot take LoRA with prompt embeddings")
 

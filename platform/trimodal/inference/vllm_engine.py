@@ -93,6 +93,8 @@ def engine_kwargs(model_dir: str | Path, vcfg: VllmConfig, lora_targets: Sequenc
     kwargs = {"model": str(model_dir), "dtype": vcfg.dtype, "enable_prompt_embeds": True,
               "skip_tokenizer_init": True, "enforce_eager": vcfg.enforce_eager, "max_num_seqs": vcfg.max_num_seqs,
               "max_model_len": max_model_len, "enable_prefix_caching": vcfg.enable_prefix_caching, "seed": 0}
+    if vcfg.block_size:
+        kwargs["block_size"] = vcfg.block_size
     if lora_targets:
         kwargs.update(enable_lora=True, max_loras=vcfg.max_loras, max_lora_rank=vcfg.max_lora_rank,
                       lora_target_modules=list(lora_targets))

@@ -59,6 +59,8 @@ def test_engine_and_sampling_arguments():
     plain = engine_kwargs("/m", vcfg, [], 2048)
     assert plain["enable_prompt_embeds"] and plain["skip_tokenizer_init"] and "enable_lora" not in plain
     assert "gpu_memory_utilization" not in plain and plain["kv_cache_memory_bytes"] == int(vcfg.kv_cache_gib * 2**30)
+    assert plain["block_size"] == vcfg.block_size == 32
+    assert "block_size" not in engine_kwargs("/m", load_config("phi2").serving.vllm, [], 2048, device="cuda")
     lora = engine_kwargs("/m", vcfg, ["qkv_proj"], 2048, device="cuda")
     assert (lora["max_loras"], lora["lora_target_modules"]) == (vcfg.max_loras, ["qkv_proj"])
     assert lora["gpu_memory_utilization"] == vcfg.gpu_memory_utilization and "kv_cache_memory_bytes" not in lora
