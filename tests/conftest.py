@@ -97,3 +97,12 @@ def make_run(test_cfg, tiny_lm):
         return final
 
     return make
+
+
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory, make_run):
+    """A runs directory holding two finished runs of the test preset, `one` (seed 1) and `two` (seed 2)."""
+    root = tmp_path_factory.mktemp("runs")
+    make_run(root, "one", 1)
+    make_run(root, "two", 2)
+    return root

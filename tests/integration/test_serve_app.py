@@ -67,14 +67,6 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, make_run) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    make_run(root, "one", 1)
-    make_run(root, "two", 2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, runs_dir):
     import ray
     from ray import serve

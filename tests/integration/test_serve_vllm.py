@@ -57,14 +57,6 @@ def text_part(text: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs_dir(tmp_path_factory, make_run) -> Path:
-    root = tmp_path_factory.mktemp("runs")
-    make_run(root, "one", 1)
-    make_run(root, "two", 2)
-    return root
-
-
-@pytest.fixture(scope="module")
 def server(tmp_path_factory, runs_dir, monkeypatch_module):
     """(base url, metrics port) of a Serve app whose LanguageModel runs on the vllm engine."""
     if not VLLM_PYTHON.exists():
