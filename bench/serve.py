@@ -69,11 +69,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the question asked with every image (a long-answer one makes the rows decode-bound)")
     p.add_argument("--concurrency", default="1,4,8,16", help="comma list")
     p.add_argument("--engine", default="builtin", help="LM engines of the Serve graph: builtin, vllm or both (comma)")
-    p.add_argument("--vllm-dtype", default=None, help="serving.vllm.dtype for the vllm engine (default: preset's)")
     p.add_argument("--load", type=float, default=2.0,
                    help="arrival rate at concurrency c: load x c / (one request's latency alone, first engine)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every mode (repeatable), e.g. model.language_model.random_shape.num_heads=2")
+                   help="config override for every mode (repeatable), e.g. serving.vllm.dtype=float32")
     p.add_argument("--second-turns", type=int, default=4, help="conversations for the second-turn measurement")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the LM")
     p.add_argument("--device", default="cpu", help="cpu or cuda (Serve then asks for GPU fractions)")
@@ -194,8 +193,6 @@ def start_serve(args: argparse.Namespace, engine: str) -> str:
     app_args = {"preset": args.preset, "run": args.run, "threads": args.threads, "device": args.device,
                 "serving.max_tokens_limit": max(args.max_tokens, 1024), "serving.engine": engine,
                 **overrides(args)}
-    if engine == "vllm" and args.vllm_dtype:
-        app_args["serving.vllm.dtype"] = args.vllm_dtype
     serve.run(build_app(app_args), name="bench", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
