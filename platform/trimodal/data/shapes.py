@@ -146,6 +146,10 @@ CAPTION_TEMPLATES: tuple[str, ...] = (
     "an image showing {}",
 )
 _SPLIT_CODES = {"train": 0, "val": 1}
+TWO_OBJECT_SHARE = 0.65
+"""Chance that an image shows two shapes. Above one half because every question that needs colour bound to shape,
+position or the whole set (colour and shape of one of two, left/right, two-object describe) is asked about them.
+Against the earlier 0.5, an image stays the same unless its draw falls between the two cuts (then it gains a shape)."""
 HELD_OUT_SHARE: dict[str, float] = {"train": 0.0, "val": 0.5}
 """Chance that a question of a split is worded from the held-out set: never in training."""
 _IMAGE_NAME = re.compile(r"^\d{12}\.png$")
@@ -297,10 +301,11 @@ def sample_image(seed: int, split: str, index: int) -> ShapeSample:
 
 
 def _sample_kinds(rng: np.random.Generator) -> list[tuple[str, str]]:
-    """One or two (colour, shape) pairs; two shapes always have different colours."""
+    """One or two (colour, shape) pairs (two with chance TWO_OBJECT_SHARE); two shapes always have different
+    colours."""
     colors = list(COLORS)
     first = (colors[int(rng.integers(len(colors)))], SHAPES[int(rng.integers(len(SHAPES)))])
-    if rng.random() < 0.5:
+    if rng.random() < 1 - TWO_OBJECT_SHARE:  # one shape below the draw's cut, as when the share was 0.5
         return [first]
     others = [c for c in colors if c != first[0]]
     return [first, (others[int(rng.integers(len(others)))], SHAPES[int(rng.integers(len(SHAPES)))])]

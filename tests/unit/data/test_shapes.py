@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+import trimodal.data.shapes as shapes_module
+
 from trimodal.data.formats import (
     index_by_file_name,
     read_coco_captions,
@@ -24,6 +26,7 @@ from trimodal.data.shapes import (
     PHRASINGS,
     SHAPES,
     SIDE_MIN_DX,
+    TWO_OBJECT_SHARE,
     VAL_ID_OFFSET,
     apart,
     caption_for,
@@ -142,6 +145,18 @@ def test_all_colour_shape_pairs_are_covered() -> None:
     counts = Counter(len(s.objects) for s in samples)
     assert counts[1] > 50 and counts[2] > 50
     assert any(s.objects[0].shape == s.objects[1].shape for s in samples if len(s.objects) == 2)
+
+
+def test_two_shape_share_and_images_kept_from_the_half_share(monkeypatch: pytest.MonkeyPatch) -> None:
+    n = 400
+    now = [sample_image(0, "train", i) for i in range(n)]
+    share = sum(len(s.objects) == 2 for s in now) / n
+    assert abs(share - TWO_OBJECT_SHARE) < 3 * (TWO_OBJECT_SHARE * (1 - TWO_OBJECT_SHARE) / n) ** 0.5
+    monkeypatch.setattr(shapes_module, "TWO_OBJECT_SHARE", 0.5)
+    before = [sample_image(0, "train", i) for i in range(n)]
+    changed = [i for i in range(n) if before[i] != now[i]]
+    assert all(len(before[i].objects) == 1 and len(now[i].objects) == 2 for i in changed)
+    assert 0 < len(changed) < n * (TWO_OBJECT_SHARE - 0.5) * 2  # only images drawn between the two cuts
 
 
 def test_captions() -> None:
