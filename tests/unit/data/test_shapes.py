@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 import trimodal.data.shapes as shapes_module
-
 from trimodal.data.formats import (
     index_by_file_name,
     read_coco_captions,
