@@ -1,6 +1,7 @@
 """Generate the synthetic "shapes" set in COCO + LLaVA-Instruct format.
 
-    python jobs/make_shapes.py --out runs/demo/shapes --train 2000 --val 200 --seed 0
+    python jobs/make_shapes.py --out runs/demo/shapes                 # the cpu preset's sizes: 2000 / 400, seed 0
+    python jobs/make_shapes.py --out runs/tiny --preset test --val 3  # a flag overrides the preset
 """
 
 from __future__ import annotations
@@ -8,19 +9,28 @@ from __future__ import annotations
 import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 
+from trimodal.config import ConfigError, load_config, preset_names
 from trimodal.data.shapes import write_shapes_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--preset", default="cpu",
+                       help=f"preset whose data sizes are the defaults ({', '.join(preset_names())}); default cpu")
+    which.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
     parser.add_argument("--out", required=True, help="output directory (created; re-running is idempotent)")
-    parser.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
-    parser.add_argument("--val", type=int, default=200, help="held-out images (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    parser.add_argument("--train", type=int, default=None, help="training images (default: the preset's)")
+    parser.add_argument("--val", type=int, default=None, help="held-out images (default: the preset's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed (default: the preset's)")
     args = parser.parse_args(argv)
     try:
-        summary = write_shapes_dataset(args.out, n_train=args.train, n_val=args.val, seed=args.seed)
-    except ValueError as e:
+        data = load_config(args.config or args.preset).data
+        summary = write_shapes_dataset(
+            args.out, n_train=data.shapes_train if args.train is None else args.train,
+            n_val=data.shapes_val if args.val is None else args.val,
+            seed=data.shapes_seed if args.seed is None else args.seed)
+    except (ConfigError, ValueError) as e:
         parser.error(str(e))
     print(f"[make_shapes] {summary.out_dir}: {summary.n_train} train + {summary.n_val} val images "
           f"(seed {summary.seed}), {summary.n_captions} captions, {summary.n_conversations} conversations, "

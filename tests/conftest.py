@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the node IP loopback (without it, Ray resolves 127.0.0.1 to the machine's address and binds GCS/raylet to it).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -106,3 +111,17 @@ def runs_dir(tmp_path_factory, make_run):
     make_run(root, "one", 1)
     make_run(root, "two", 2)
     return root
+
+
+@pytest.fixture(scope="session")
+def load_job():
+    """`load_job("preprocess")`: jobs/preprocess.py as a module, loaded the way `python jobs/preprocess.py` runs it
+    (jobs/ first on sys.path), so a test calls its `main(argv)` in process."""
+    def load(name: str):
+        if str(JOBS) not in sys.path:
+            sys.path.insert(0, str(JOBS))
+        spec = importlib.util.spec_from_file_location(f"{name}_job", JOBS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    return load

@@ -3,9 +3,7 @@ writing, the output swap and the CLI's error handling."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,6 @@ from trimodal.data.preprocess.plan import ImageRecord, drop_rows_of, find_coco_s
 from trimodal.data.preprocess.publish import publish, scratch_dir
 from trimodal.data.shapes import VAL_ID_OFFSET, write_shapes_dataset
 
-REPO = Path(__file__).resolve().parents[3]
 QUIET = lambda message: None  # noqa: E731
 
 
@@ -301,31 +298,21 @@ def test_pin_vision_makes_paths_absolute_and_falls_back_to_random(tmp_path, monk
 # --- the command line -------------------------------------------------------------------------------------------
 
 
-def _cli():
-    """jobs/preprocess.py loaded the way `python jobs/preprocess.py` runs it: with jobs/ first on sys.path."""
-    if str(REPO / "jobs") not in sys.path:
-        sys.path.insert(0, str(REPO / "jobs"))
-    spec = importlib.util.spec_from_file_location("preprocess_cli", REPO / "jobs" / "preprocess.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_cli_help_says_it_overwrites(capsys):
+def test_cli_help_says_it_overwrites(load_job, capsys):
     with pytest.raises(SystemExit) as exc:
-        _cli().main(["--help"])
+        load_job("preprocess").main(["--help"])
     assert exc.value.code == 0
     assert "OVERWRITES" in capsys.readouterr().out
 
 
-def test_cli_malformed_annotation_is_one_clear_line_and_exit_2(shapes, tmp_path, capsys):
+def test_cli_malformed_annotation_is_one_clear_line_and_exit_2(load_job, shapes, tmp_path, capsys):
     bad = tmp_path / "annotations_bad.json"
     bad.write_text('{"images": 3}')
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
     (root / "train2017").mkdir()
     (root / "annotations" / "captions_train2017.json").write_text('{"images": [], "annotations": 7}')
-    code = _cli().main(["--preset", "test", "--coco-root", str(root), "--out", str(tmp_path / "out")])
+    code = load_job("preprocess").main(["--preset", "test", "--coco-root", str(root), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("[preprocess] error: ") and "captions_train2017.json" in err[0]
@@ -333,7 +320,7 @@ def test_cli_malformed_annotation_is_one_clear_line_and_exit_2(shapes, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_cli_rejects_a_zero_batch_size_before_starting_ray(shapes, tmp_path, capsys):
-    code = _cli().main(["--preset", "test", "--coco-root", str(shapes), "--out", str(tmp_path / "out"),
+def test_cli_rejects_a_zero_batch_size_before_starting_ray(load_job, shapes, tmp_path, capsys):
+    code = load_job("preprocess").main(["--preset", "test", "--coco-root", str(shapes), "--out", str(tmp_path / "out"),
                         "--batch-size", "0"])
     assert code == 2 and "--batch-size and --encoders must be >= 1" in capsys.readouterr().err

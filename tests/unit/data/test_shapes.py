@@ -327,3 +327,21 @@ def test_png_encoding_is_stable() -> None:
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValueError):
         write_shapes_dataset(tmp_path, **kwargs)
+
+
+def test_make_shapes_job_takes_its_sizes_from_the_preset_and_flags_override(load_job, tmp_path: Path,
+                                                                             capsys) -> None:
+    job = load_job("make_shapes")
+    job.main(["--preset", "test", "--out", str(tmp_path / "preset")])  # test preset: 16 train, 8 val, seed 0
+    assert "16 train + 8 val images (seed 0)" in capsys.readouterr().out
+    assert len(list((tmp_path / "preset" / "train2017").glob("*.png"))) == 16
+    assert len(list((tmp_path / "preset" / "val2017").glob("*.png"))) == 8
+
+    job.main(["--preset", "test", "--val", "3", "--seed", "2", "--out", str(tmp_path / "flags")])
+    assert "16 train + 3 val images (seed 2)" in capsys.readouterr().out
+    assert len(list((tmp_path / "flags" / "val2017").glob("*.png"))) == 3
+
+    with pytest.raises(SystemExit) as exc:
+        job.main(["--preset", "no-such-preset", "--out", str(tmp_path / "bad")])
+    assert exc.value.code == 2 and "no-such-preset" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
