@@ -9,7 +9,7 @@ from __future__ import annotations
 import _project  # noqa: F401  (first: this job's own library, or one line saying why it cannot run)
 import argparse
 
-from trimodal.config import ConfigError, load_config, preset_names
+from trimodal.config import load_config, preset_names
 from trimodal.data.shapes import write_shapes_dataset
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out, n_train=data.shapes_train if args.train is None else args.train,
             n_val=data.shapes_val if args.val is None else args.val,
             seed=data.shapes_seed if args.seed is None else args.seed)
-    except (ConfigError, ValueError) as e:
+    except ValueError as e:  # a bad size or seed, or a ConfigError (a ValueError) naming the preset
         parser.error(str(e))
     print(f"[make_shapes] {summary.out_dir}: {summary.n_train} train + {summary.n_val} val images "
           f"(seed {summary.seed}), {summary.n_captions} captions, {summary.n_conversations} conversations, "

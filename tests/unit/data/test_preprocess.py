@@ -312,7 +312,8 @@ def test_cli_malformed_annotation_is_one_clear_line_and_exit_2(load_job, shapes,
     (root / "annotations").mkdir(parents=True)
     (root / "train2017").mkdir()
     (root / "annotations" / "captions_train2017.json").write_text('{"images": [], "annotations": 7}')
-    code = load_job("preprocess").main(["--preset", "test", "--coco-root", str(root), "--out", str(tmp_path / "out")])
+    job = load_job("preprocess")
+    code = job.main(["--preset", "test", "--coco-root", str(root), "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1
     assert err[0].startswith("[preprocess] error: ") and "captions_train2017.json" in err[0]
@@ -321,6 +322,7 @@ def test_cli_malformed_annotation_is_one_clear_line_and_exit_2(load_job, shapes,
 
 
 def test_cli_rejects_a_zero_batch_size_before_starting_ray(load_job, shapes, tmp_path, capsys):
-    code = load_job("preprocess").main(["--preset", "test", "--coco-root", str(shapes), "--out", str(tmp_path / "out"),
-                        "--batch-size", "0"])
+    job = load_job("preprocess")
+    code = job.main(["--preset", "test", "--coco-root", str(shapes), "--out", str(tmp_path / "out"),
+                     "--batch-size", "0"])
     assert code == 2 and "--batch-size and --encoders must be >= 1" in capsys.readouterr().err
