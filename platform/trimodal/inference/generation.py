@@ -288,7 +288,9 @@ class TextTracker:
     def add(self, token_id: int) -> str:
         """Add a token; return the text that is now safe to show (maybe empty)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        # Leading whitespace is the chat template's separator after its generation prompt (Phi-2's "Output:" is
+        # answered " The ..."), never part of the answer.
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).lstrip()
         if text.endswith("\ufffd"):
             return ""  # a multi-byte character is not complete yet
         self.text = text

@@ -3,7 +3,8 @@
 A turn's text holds `IMAGE_MARKER` where an image goes. Each marker becomes `num_patches` positions of
 `IMAGE_TOKEN_ID` (replaced by projected image features in the model) followed by the end-of-image token.
 The chat template is rendered turn by turn so that exactly the assistant texts and the EOS closing each
-of them are targets; everything else (system text, questions, template scaffolding) gets IGNORE_INDEX.
+of them are targets; everything else (system text, questions, template scaffolding) gets IGNORE_INDEX. Whitespace
+a template writes between its generation prompt and an answer is part of that answer's target.
 """
 
 from __future__ import annotations
@@ -57,15 +58,24 @@ def _segments(tokenizer, turns: list[Turn], add_generation_prompt: bool) -> list
             continue
         prefix = _render(tokenizer, turns[:i], add_generation_prompt=True)
         full = _render(tokenizer, turns[: i + 1], add_generation_prompt=False)
-        if not prefix.startswith(done) or not full.startswith(prefix + turn.text):
+        answer = _answer_text(full[len(prefix):], turn.text)
+        if not prefix.startswith(done) or not full.startswith(prefix) or answer is None:
             raise ValueError("the chat template does not render turns as a prefix of the conversation")
-        pieces += [(prefix[len(done):], False), (turn.text, True), (eos, True)]
-        done = prefix + turn.text
+        pieces += [(prefix[len(done):], False), (answer, True), (eos, True)]
+        done = prefix + answer
         if full[len(done):].startswith(eos):
             done += eos  # the template writes EOS itself; it is already a target piece
     final = _render(tokenizer, turns, add_generation_prompt=add_generation_prompt)
     pieces.append((final[len(done):], False))
     return [(text, target) for text, target in pieces if text]
+
+
+def _answer_text(rendered: str, text: str) -> str | None:
+    """The answer as the template renders it after the generation prompt: `text`, or `text` after whitespace the
+    template puts between them (Phi-2's "Output:" prompt, then " " + answer). The whitespace belongs to the target,
+    so the answer is tokenised as the model generates it after the prompt (" The" is one GPT-2 token, not two)."""
+    sep = rendered[: len(rendered) - len(rendered.lstrip())] if not rendered.startswith(text) else ""
+    return sep + text if rendered[len(sep):].startswith(text) else None
 
 
 def _tokenize_piece(tokenizer, text: str, num_patches: int, end_id: int) -> tuple[list[int], int]:

@@ -101,3 +101,37 @@ def test_tiny_tokenizer_ids_are_the_same_in_every_process():
     runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            env={"PYTHONHASHSEED": str(seed), "PATH": ""}).stdout for seed in (1, 2, 3)}
     assert len(runs) == 1 and runs.pop().startswith("[")
+
+
+@pytest.fixture()
+def instruct_tok(tiny_lm):
+    """The test tokenizer with Phi-2's instruct template ("Instruct: ...\\nOutput: ...")."""
+    import copy
+
+    from trimodal.models.language import set_chat_template
+
+    tok = copy.deepcopy(tiny_lm[1])
+    set_chat_template(tok, "instruct")
+    return tok
+
+
+def test_instruct_template_trains_every_answer_of_a_multi_turn_conversation(instruct_tok):
+    """The generation prompt ends "Output:" and a finished turn reads "Output: answer": the space is the answer's
+    first target, as the model generates it after the prompt."""
+    tok = instruct_tok
+    turns = [Turn("user", IMAGE_MARKER + "How many shapes are there?"), Turn("assistant", "There is one shape."),
+             Turn("user", "What shape is the red object?"), Turn("assistant", "It is a circle.")]
+    enc = encode_conversation(tok, turns, num_patches=2, image_end_id=3)
+    ans = [tok(" " + a, add_special_tokens=False)["input_ids"] for a in ("There is one shape.", "It is a circle.")]
+    assert _targets(tok, enc) == ans[0] + [tok.eos_token_id] + ans[1] + [tok.eos_token_id]
+    prompt = encode_conversation(tok, turns[:3], num_patches=2, image_end_id=3, add_generation_prompt=True)
+    assert tok.decode([t for t in prompt.input_ids if t >= 0]).endswith("What shape is the red object?\nOutput:")
+    assert enc.input_ids[:len(prompt.input_ids)] == prompt.input_ids  # training sees the prompt it is served
+
+
+def test_answers_lose_the_templates_leading_separator(instruct_tok):
+    from trimodal.inference.generation import TextTracker
+
+    tracker = TextTracker(instruct_tok)
+    ids = instruct_tok(" It is a circle.", add_special_tokens=False)["input_ids"]
+    assert "".join(tracker.add(i) for i in ids) + tracker.finish() == "It is a circle."
