@@ -69,6 +69,22 @@ class MultimodalLM(nn.Module):
         self.lm = lm
         self.projector = projector
 
+    def train(self, mode: bool = True) -> "MultimodalLM":
+        """Training mode for what trains: the projector and the LoRA adapters' own dropout (lora.dropout).
+
+        The LM's weights are frozen in both stages, so its own dropout (Phi-2: resid_pdrop 0.1) stays off: it would
+        only add noise to the gradients of the projector and adapters, and the LM is served without it.
+        """
+        from peft.tuners.lora import LoraLayer  # here: the vllm environment imports this module and has no peft
+
+        super().train(mode)
+        if mode:
+            self.lm.eval()
+            for module in self.lm.modules():
+                if isinstance(module, LoraLayer):
+                    module.lora_dropout.train()
+        return self
+
     def project(self, features: torch.Tensor) -> torch.Tensor:
         """CLIP features [n, N, Dv] -> LM-space embeddings [n, N, H]."""
         return project_image_features(self.projector, features)

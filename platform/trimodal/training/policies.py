@@ -57,6 +57,21 @@ def stage1_model(cfg: TrimodalConfig, vision_dim: int, device: str | torch.devic
     return StageModel(model, tokenizer, image_end_id(cfg.model.language_model, tokenizer), trainable, total)
 
 
+def keep_4bit_weights_trainable(lm: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU inference repacking of 4-bit weights.
+
+    On CPUs with AVX512-BF16, a Linear4bit that sees a no-grad input outside training mode (a sample print, or the
+    frozen LM's first layer on a text-only batch, since the frozen LM stays in eval mode) repacks its weight for an
+    inference kernel that has no gradient; every later forward, training included, then uses it, and the LoRA
+    adapters on that layer silently stop getting gradients (bitsandbytes 0.50: torch only warns).
+    """
+    import bitsandbytes as bnb
+
+    for module in lm.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def stage2_model(cfg: TrimodalConfig, vision_dim: int, init: RunInfo, device: str | torch.device = "cpu",
                  quantize: bool = True, adapter_dir: Path | None = None) -> StageModel:
     """QLoRA LM (4-bit base + LoRA) + trainable projector initialised from the stage-1 run `init`."""
@@ -65,6 +80,7 @@ def stage2_model(cfg: TrimodalConfig, vision_dim: int, init: RunInfo, device: st
     quant = cfg.quant if quantize and cfg.quant.load_in_4bit else None
     lm, tokenizer = load_language_model(cfg.model.language_model, quant=quant, device=device)
     lm.requires_grad_(False)
+    keep_4bit_weights_trainable(lm)
     if adapter_dir is not None:
         lm = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=True)
     else:

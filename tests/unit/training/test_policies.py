@@ -53,3 +53,69 @@ def test_stage2_trains_lora_and_projector_only(quantize):
     assert all(n.split(".")[-3] in ("lora_A", "lora_B") for n in lora)
     quantized = [p for p in sm.model.lm.parameters() if p.dtype == torch.uint8]
     assert bool(quantized) == quantize
+
+
+def _tiny_phi() -> PhiForCausalLM:
+    """Phi's architecture with Phi-2's residual dropout (resid_pdrop 0.1), a few hundred thousand weights."""
+    torch.manual_seed(0)
+    config = PhiConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       partial_rotary_factor=0.4, resid_pdrop=0.1, embd_pdrop=0.1)
+    return PhiForCausalLM(config).requires_grad_(False)
+
+
+def _loss(model) -> float:
+    ids = torch.arange(1, 13).view(2, 6)  # [2, 6]
+    loss, _ = model(ids, torch.ones_like(ids), None, ids)
+    return float(loss)
+
+
+def test_training_mode_keeps_the_frozen_lms_dropout_off():
+    """Stage 1 and 2 put the model in training mode every step: the frozen LM's dropout must stay off (the same
+    batch gives the same loss twice), while the projector trains in training mode."""
+    from trimodal.models.multimodal import MultimodalLM
+
+    model = MultimodalLM(_tiny_phi(), Projector(8, 32)).train()
+    assert model.training and model.projector.training
+    assert not any(m.training for m in model.lm.modules())
+    assert _loss(model) == _loss(model)
+
+
+def test_training_mode_keeps_lora_dropout_on_and_the_base_dropout_off():
+    from trimodal.models.multimodal import MultimodalLM
+
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "fc1"], task_type="CAUSAL_LM")
+    model = MultimodalLM(get_peft_model(_tiny_phi(), lora), Projector(8, 32)).train()
+    lora_dropouts = [m for n, m in model.lm.named_modules() if n.endswith("lora_dropout.default")]
+    assert lora_dropouts and all(m.training for m in lora_dropouts)
+    base = [m for n, m in model.lm.named_modules() if n.endswith("resid_dropout") or n.endswith("embed_dropout")]
+    assert base and not any(m.training for m in base)
+    model.eval()
+    assert not any(m.training for m in model.modules())
+
+
+def _lora_grads(model) -> dict[str, bool]:
+    ids = torch.arange(1, 13).view(2, 6)  # [2, 6]; text only: the first layer's input needs no grad
+    model.zero_grad()
+    model.train()
+    loss, _ = model(ids, torch.ones_like(ids), None, ids)
+    loss.backward()
+    return {n: p.grad is not None and bool(p.grad.abs().sum() > 0)
+            for n, p in model.named_parameters() if "lora_B" in n}
+
+
+def test_4bit_lora_keeps_its_gradients_after_a_no_grad_forward():
+    """A sample print (a no-grad forward in eval mode) between steps must not turn a 4-bit layer into an
+    inference-only kernel: every LoRA weight still gets a gradient on the next step."""
+    cfg = load_config("test", {"quant.load_in_4bit": True})
+    sm = stage2_model(cfg, vision_dim=32, init=RunInfo(None, None, False), quantize=True)
+    torch.manual_seed(0)
+    for n, p in sm.model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_()  # peft starts lora_B at zero; nonzero, every adapter passes a gradient on
+    before = _lora_grads(sm.model)
+    assert before and all(before.values()), before
+    sm.model.eval()
+    with torch.no_grad():
+        sm.model(torch.arange(1, 7).view(1, 6), torch.ones(1, 6, dtype=torch.long), None, torch.arange(1, 7).view(1, 6))
+    after = _lora_grads(sm.model)
+    assert after == before
