@@ -171,16 +171,29 @@ def media_sandbox(value: Any) -> MediaSandbox | None:
 
 def lm_hidden_size(cfg: TrimodalConfig) -> int:
     """Width of the LM's embeddings (the projector's output), read from its config, not its weights."""
-    source = cfg.model.language_model.source
-    if source.kind == "random":
+    if cfg.model.language_model.source.kind == "random":
         return cfg.model.language_model.random_shape.hidden_size
+    return _lm_config(cfg).hidden_size
+
+
+def lm_context_length(cfg: TrimodalConfig) -> int | None:
+    """Positions the LM reads (max_position_embeddings; Phi-2: 2,048), read from its config, not its weights."""
+    if cfg.model.language_model.source.kind == "random":
+        from trimodal.models.language import RANDOM_LM_POSITIONS
+
+        return RANDOM_LM_POSITIONS
+    return getattr(_lm_config(cfg), "max_position_embeddings", None)
+
+
+def _lm_config(cfg: TrimodalConfig):
     from transformers import AutoConfig
 
+    source = cfg.model.language_model.source
     if source.kind == "hub":
-        return AutoConfig.from_pretrained(source.name, revision=source.revision).hidden_size
+        return AutoConfig.from_pretrained(source.name, revision=source.revision)
     from trimodal.weights.sources import resolve_source
 
-    return AutoConfig.from_pretrained(resolve_source(source)).hidden_size
+    return AutoConfig.from_pretrained(resolve_source(source))
 
 
 def default_bundle(settings: AppSettings) -> RunBundle | None:
@@ -191,7 +204,7 @@ def default_bundle(settings: AppSettings) -> RunBundle | None:
 def ingress_settings(settings: AppSettings) -> IngressSettings:
     """The ingress's view of the settings."""
     cfg, serving = settings.cfg, settings.cfg.serving
-    prompt_tokens = prompt_token_limit(cfg)
+    prompt_tokens = prompt_token_limit(cfg, lm_context_length(cfg))
     return IngressSettings(
         model_id=f"trimodal-{cfg.name}", preset=cfg.name, run_name=settings.run_name, run_note=settings.run_note,
         runs_dir=settings.runs_dir, default_run=default_bundle(settings),

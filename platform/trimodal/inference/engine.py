@@ -7,6 +7,7 @@ Three parts that serving runs as separate deployments and the CLI runs in one pr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -56,18 +57,29 @@ class PromptBuilder:
     """Turns -> prompt ids, and a prompt -> its merged text + image embeddings: the one way both engines (builtin
     and vllm) build what the LM reads."""
 
-    def __init__(self, tokenizer, embeddings: torch.nn.Module, image_end_id: int, max_length: int = 4096):
+    def __init__(self, tokenizer, embeddings: torch.nn.Module, image_end_id: int, max_length: int = 4096,
+                 context_length: int | None = None):
         self.tokenizer = tokenizer
         self.embeddings = embeddings
         self.image_end_id = image_end_id
-        self.max_length = max_length
+        self.context_length = context_length  # positions the model reads, prompt and answer together (None: any)
+        self.max_length = max_length if context_length is None else min(max_length, context_length - 1)
 
     def encode(self, turns: list[Turn], num_patches: int) -> list[int]:
         """Chat-formatted prompt ids ending with the assistant generation prompt."""
         enc = encode_conversation(self.tokenizer, turns, num_patches, self.image_end_id, add_generation_prompt=True)
         if len(enc.input_ids) > self.max_length:
-            raise ValueError(f"prompt is {len(enc.input_ids)} tokens, over the limit of {self.max_length}")
+            within = f" (the model reads {self.context_length} positions)" if self.context_length else ""
+            raise ValueError(f"prompt is {len(enc.input_ids)} tokens, over the limit of {self.max_length}{within}")
         return enc.input_ids
+
+    def fit(self, prompt: Prompt, params: SamplingParams) -> SamplingParams:
+        """`params` with max_tokens cut to the positions the model has left after the prompt: the answer then ends
+        with finish_reason "length" where the context ends, never decoding past the positions it was trained on."""
+        if self.context_length is None:
+            return params
+        room = self.context_length - len(prompt.input_ids)
+        return params if params.max_tokens <= room else dataclasses.replace(params, max_tokens=max(room, 0))
 
     @torch.no_grad()
     def embed(self, prompt: Prompt) -> torch.Tensor:
@@ -118,9 +130,10 @@ class TextGenerator:
     def __init__(self, lm, tokenizer, image_end_id: int, max_length: int = 4096):
         self.lm = lm
         self.tokenizer = tokenizer
-        self.prompts = PromptBuilder(tokenizer, lm.get_input_embeddings(), image_end_id, max_length)
+        context = getattr(lm.config, "max_position_embeddings", None)
+        self.prompts = PromptBuilder(tokenizer, lm.get_input_embeddings(), image_end_id, max_length, context)
         self.image_end_id = image_end_id
-        self.max_length = max_length
+        self.max_length = self.prompts.max_length
         self.eos_ids = {tokenizer.eos_token_id}
 
     def encode(self, turns: list[Turn], num_patches: int) -> list[int]:
@@ -138,6 +151,7 @@ class TextGenerator:
         `adapters`: each row's peft adapter name ("__base__": the base LM), when `lm` holds several.
         """
         cancelled = cancelled if cancelled is not None else set()
+        params = [self.prompts.fit(prompt, p) for prompt, p in zip(prompts, params)]
         rows = [RowText(i, self.tokenizer, p) for i, p in enumerate(params)]
         embeds = [self.embed(p) for p in prompts]
         for step in decode_steps(self.lm, embeds, params, self.eos_ids, cancelled, adapters):

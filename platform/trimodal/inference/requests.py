@@ -16,9 +16,12 @@ PROMPT_LENGTH_FACTOR = 8
 """A prompt at inference may be this many times the training sequence length (data.max_length) in tokens."""
 
 
-def prompt_token_limit(cfg: TrimodalConfig) -> int:
-    """The longest prompt, in tokens, the CLI engine and the serving LanguageModel take for this config."""
-    return cfg.data.max_length * PROMPT_LENGTH_FACTOR
+def prompt_token_limit(cfg: TrimodalConfig, context_length: int | None = None) -> int:
+    """The longest prompt, in tokens, the CLI engine and the serving LanguageModel take for this config: at most
+    PROMPT_LENGTH_FACTOR x data.max_length, and short enough to leave the model's `context_length` positions (its
+    max_position_embeddings; Phi-2: 2,048) room for one answer token."""
+    limit = cfg.data.max_length * PROMPT_LENGTH_FACTOR
+    return limit if context_length is None else min(limit, context_length - 1)
 
 
 @dataclass

@@ -196,6 +196,7 @@ class VllmGenerator:
     async def stream(self, prompt: Prompt, params: SamplingParams, adapter: AdapterRef | None = None,
                      row: int = 0) -> AsyncIterator[Delta]:
         """One request's deltas (row index `row`); closing the iterator early aborts the request."""
+        params = self.prompts.fit(prompt, params)
         text = RowText(row, self.prompts.tokenizer, params)
         lora = self.lora_request(adapter)
         if params.max_tokens <= 0:
@@ -256,10 +257,11 @@ def load_embedding_table(model_dir: str | Path) -> torch.nn.Embedding:
 
 
 def max_model_len(cfg: TrimodalConfig, model_dir: str | Path) -> int:
-    """The longest prompt plus the most new tokens, within the model's position limit."""
-    want = prompt_token_limit(cfg) + cfg.serving.max_tokens_limit
+    """The longest prompt plus the most new tokens, within the model's position limit (max_position_embeddings)."""
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    return min(want, config.get("max_position_embeddings") or want)
+    context = config.get("max_position_embeddings")
+    want = prompt_token_limit(cfg, context) + cfg.serving.max_tokens_limit
+    return min(want, context or want)
 
 
 def load_vllm_generator(cfg: TrimodalConfig, adapter_targets: Sequence[str] = (), device: str = "cpu",
@@ -271,8 +273,9 @@ def load_vllm_generator(cfg: TrimodalConfig, adapter_targets: Sequence[str] = ()
     vcfg = dataclasses.replace(cfg.serving.vllm, dtype=resolve_dtype(cfg.serving.vllm.dtype, device))
     model_dir, tokenizer = lm_directory(cfg.model.language_model)
     limit = max_prompt_tokens if max_prompt_tokens is not None else prompt_token_limit(cfg)
+    model_len = max_model_len(cfg, model_dir)
     prompts = PromptBuilder(tokenizer, load_embedding_table(model_dir), image_end_id(cfg.model.language_model,
-                                                                                     tokenizer), limit)
+                                                                                     tokenizer), limit, model_len)
     targets = vcfg.lora_target_modules or (vllm_lora_targets(adapter_targets) if adapter_targets else [])
-    kwargs = engine_kwargs(model_dir, vcfg, targets, max_model_len(cfg, model_dir), device)
+    kwargs = engine_kwargs(model_dir, vcfg, targets, model_len, device)
     return VllmGenerator(prompts, kwargs, engine_env(vcfg), {tokenizer.eos_token_id}, vcfg.dtype, vcfg.max_loras)

@@ -27,6 +27,8 @@ INSTRUCT_TEMPLATE = (
 )
 TINY_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<file_sep>"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+RANDOM_LM_POSITIONS = 1024
+"""Positions of the tiny random Llama (its max_position_embeddings)."""
 
 
 def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
@@ -48,7 +50,7 @@ def build_random_lm(shape: TinyLMShape, vocab_size: int, seed: int = 0) -> Llama
     """A tiny random Llama, reproducible from `seed`."""
     config = LlamaConfig(vocab_size=vocab_size, hidden_size=shape.hidden_size, num_hidden_layers=shape.num_layers,
                          num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_heads,
-                         intermediate_size=shape.intermediate_size, max_position_embeddings=1024,
+                         intermediate_size=shape.intermediate_size, max_position_embeddings=RANDOM_LM_POSITIONS,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                          initializer_range=0.2)  # wide init: a random model that does not repeat one token
     with seeded(seed):

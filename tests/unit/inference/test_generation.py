@@ -108,3 +108,32 @@ def test_stop_string_ends_generation_early(tiny_lm):
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.find(stop)]
     assert cut.completion_tokens < full.completion_tokens
+
+
+def test_prompt_and_answer_stay_within_the_models_positions(tiny_lm):
+    """A model reads max_position_embeddings positions (Phi-2: 2,048): a longer prompt is refused with a clear
+    error, and an answer stops with finish_reason "length" where the positions end, whatever max_tokens asks."""
+    import copy
+
+    import pytest
+
+    lm, tok = tiny_lm
+    short = copy.deepcopy(lm)
+    gen = TextGenerator(short, tok, image_end_id=3)
+    prompt = _prompts(gen, ["one"])[0]
+    short.config.max_position_embeddings = len(prompt.input_ids) + 6
+    gen = TextGenerator(short, tok, image_end_id=3, max_length=4096)
+    assert gen.max_length == len(prompt.input_ids) + 5
+    done = gen.generate([prompt], [SamplingParams(max_tokens=50)])[0]
+    assert (done.completion_tokens, done.finish_reason) == (6, "length")
+    with pytest.raises(ValueError, match=r"over the limit of \d+ \(the model reads \d+ positions\)"):
+        gen.encode([Turn("user", "a question much longer than the few positions left")], 0)
+
+
+def test_the_serving_prompt_limit_leaves_phi2_room_to_answer():
+    from trimodal.config import load_config
+    from trimodal.inference.requests import prompt_token_limit
+
+    cfg = load_config("phi2")
+    assert prompt_token_limit(cfg) == 3072  # 8 x data.max_length 384: over Phi-2's 2,048 positions
+    assert prompt_token_limit(cfg, 2048) == 2047
