@@ -7,6 +7,7 @@ LanguageModel into the Ingress through its constructor.
     serve run serve_app:graph                                    # TRIMODAL_PRESET (cpu), newest finished run
     serve run serve_app:build_app preset=test run=runs/x/final   # args override the environment
     serve run serve_app:build_app preset=cpu serving.max_batch_size=4 threads=2
+    serve deploy serve_app/serve_config.yaml                     # the same builder, its args from the file
 
 HTTP host and port belong to Serve, not to an app: `serve run` binds 127.0.0.1:8000; use
 `serve start --http-host/--http-port`, a config file's http_options, or `serve.start(http_options=
@@ -100,14 +101,28 @@ def model_deployment(settings: AppSettings, cls: type, name: str, cpus: float, *
 
 
 def vllm_python(settings: AppSettings) -> Path:
-    """The vllm environment's interpreter (serving.vllm.python, relative to the repository); SettingsError when it
-    is missing."""
+    """The vllm environment's interpreter (serving.vllm.python, absolute or relative to the repository)."""
     python = Path(settings.cfg.serving.vllm.python).expanduser()
-    python = python if python.is_absolute() else ROOT / python
-    if not python.exists():
-        raise SettingsError(f"serving.engine=vllm needs the vllm environment ({python} is missing): run "
-                            "`make install-vllm`, or serve with serving.engine=builtin")
-    return python
+    return python if python.is_absolute() else ROOT / python
+
+
+def check_vllm_python(settings: AppSettings) -> None:
+    """SettingsError when the vllm environment is missing where the LanguageModel replica will run.
+
+    On CPU the replica runs on this node, so the interpreter must be here. With device=cuda the replica is placed
+    on a GPU node, which builds its own environment (cluster.yaml's worker setup) while the node building the app
+    (a CPU head) has none: the check is left to Ray, which names the missing interpreter if the replica cannot
+    start, and one line says so here.
+    """
+    python = vllm_python(settings)
+    if python.exists():
+        return
+    if settings.device.startswith("cuda"):
+        print(f"[serve_app] {python} is not on this node; the LanguageModel replica (device {settings.device}) "
+              "uses the one its GPU node built (make install-vllm)", flush=True)
+        return
+    raise SettingsError(f"serving.engine=vllm needs the vllm environment ({python} is missing): run "
+                        "`make install-vllm`, or serve with serving.engine=builtin")
 
 
 def bind_vllm_lm(settings: AppSettings):
@@ -153,12 +168,18 @@ def bind_ingress(settings: AppSettings, speech, vision, lm):
     return ingress.bind(speech, vision, lm, ingress_settings(settings), OVERLOAD_ERRORS, UNAVAILABLE_ERRORS)
 
 
-def build_app(args: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None):
-    """The application builder for `serve run serve_app:build_app key=value ...` and Serve config files."""
+def build_app(args: Mapping[str, Any] | None = None):
+    """The application builder for `serve run serve_app:build_app key=value ...` and Serve config files (Serve calls
+    it with exactly one argument, the `key=value` pairs or the config file's `args`; the environment is read)."""
+    return build_app_with_env(args, None)
+
+
+def build_app_with_env(args: Mapping[str, Any] | None, env: Mapping[str, str] | None):
+    """`build_app` with an explicit environment mapping (None: os.environ); tests and drills pass their own."""
     try:
         settings = resolve_settings(args, env)
         if settings.cfg.serving.engine == "vllm":
-            vllm_python(settings)
+            check_vllm_python(settings)
     except (SettingsError, ConfigError) as exc:
         if ray.is_initialized():
             raise

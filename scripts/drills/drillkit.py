@@ -70,14 +70,14 @@ def wait_for(predicate, timeout_s: float, every_s: float = 0.1) -> Any:
 
 
 def start_serve(args: dict, env: dict | None = None) -> str:
-    """Run the serving graph (serve_app.build_app(args, env)) as app `main` on a free port; returns its URL."""
+    """Run the serving graph (serve_app.build_app_with_env(args, env)) as app `main` on a free port; returns its URL."""
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.app import build_app_with_env
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(args, env=env or {}), name="main", route_prefix="/")
+    serve.run(build_app_with_env(args, env=env or {}), name="main", route_prefix="/")
     return f"http://127.0.0.1:{port}"
 
 

@@ -71,7 +71,7 @@ def server(tmp_path_factory, runs_dir):
     import ray
     from ray import serve
 
-    from serve_app.app import bind_ingress, bind_lm, build_app
+    from serve_app.app import bind_ingress, bind_lm, build_app_with_env
     from serve_app.settings import resolve_settings
 
     if ray.is_initialized():
@@ -81,8 +81,8 @@ def server(tmp_path_factory, runs_dir):
     record = tmp_path_factory.mktemp("media") / "fetch-attempts.jsonl"
     sandbox = {"record": str(record), "hosts": {"localhost": ["127.0.0.1", "::1"]}}
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({**COMMON, "media_sandbox": sandbox, "runs_dir": str(runs_dir)},
-                        env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}),
+    serve.run(build_app_with_env({**COMMON, "media_sandbox": sandbox, "runs_dir": str(runs_dir)},
+                                 env={"TRIMODAL_ALLOWED_MEDIA_DOMAINS": "localhost"}),
               name="main", route_prefix="/")
     # A second front door: an API key, 1 ongoing + 1 queued request, a 2 s timeout, a steady 10 ms-per-token LM.
     guarded = resolve_settings({**COMMON, "serving.max_ongoing_requests": 1, "serving.max_queued_requests": 1,
