@@ -31,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--preset", default="cpu", help=f"preset name ({', '.join(preset_names())}); default cpu")
     which.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set model.vision.image_size=224 (repeatable)")
     p.add_argument("--coco-root", action="append", required=True, metavar="DIR",
                    help="COCO 2017 layout: annotations/captions_{train,val}2017.json + train2017/ val2017/ "
                         "(repeatable)")
@@ -53,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        cfg = load_config(args.config or args.preset)
+        cfg = load_config(args.config or args.preset, list(args.set))
         plan = build_plan(args.coco_root, args.instruct, limit=args.limit)
         options = PipelineOptions(
             batch_size=cfg.data.preprocess_batch_size if args.batch_size is None else args.batch_size,

@@ -7,9 +7,11 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 from trimodal.config import ConfigError, TrimodalConfig, load_config, preset_names
+
+T = TypeVar("T")
 
 
 def add_common_args(parser: argparse.ArgumentParser, stage: int | None = None) -> None:
@@ -152,6 +154,21 @@ def start_local_ray() -> None:
 
     ray_constants.ENABLE_RAY_CLUSTER = False
     ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+
+
+def on_gpu_node(job: Callable[[], T], num_gpus: float, accelerator_type: str | None = None) -> T:
+    """Run `job` as a Ray task that holds `num_gpus` GPUs (of `accelerator_type`, when given) and return its result.
+
+    A job's driver runs on the cluster's head, which has no GPU; the task is placed on a GPU node, and on an
+    autoscaling cluster its request is what starts one. Errors raised in the task reach the caller as themselves.
+    """
+    import ray
+
+    init_ray()
+    task = ray.remote(num_gpus=num_gpus, num_cpus=1, accelerator_type=accelerator_type, max_retries=0)(job)
+    print(f"[gpu] running on a node with {num_gpus:g} GPU{'s' if num_gpus != 1 else ''}"
+          f"{f' ({accelerator_type})' if accelerator_type else ''}; waiting for one to be free", flush=True)
+    return ray.get(task.remote())
 
 
 def run_job(job: Callable[[], None]) -> int:

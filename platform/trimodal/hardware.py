@@ -18,3 +18,14 @@ def resolve_dtype(name: str, device) -> str:
     if name != "auto":
         return name
     return "bfloat16" if native_bf16(device) else "float32"
+
+
+def pick_device(name: str) -> str:
+    """A device name with `auto` made `cuda` where torch sees a CUDA device and `cpu` elsewhere.
+
+    Only torch's own view counts: a Ray task granted a GPU resource on a node without a usable CUDA device (a fake
+    cluster node, a broken driver) runs on the CPU.
+    """
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
