@@ -1,4 +1,5 @@
-"""Command line: `python -m trimodal ask ...`, `python -m trimodal transcribe ...`, `python -m trimodal presets`."""
+"""Command line: `python -m trimodal ask ...`, `python -m trimodal transcribe ...`, `python -m trimodal presets`,
+`python -m trimodal rehearsal-weights --out DIR`."""
 
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def _parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--preset", default="cpu")
     transcribe.add_argument("--device", default="cpu")
     sub.add_parser("presets", help="list the shipped presets")
+    rehearse = sub.add_parser("rehearsal-weights",
+                              help="write random offline stand-ins for the phi2 preset's weights (Phi-2's tokenizer, "
+                                   "TinyCLIP's shape) and print the --set overrides that use them")
+    rehearse.add_argument("--out", required=True, help="directory for the weights (reused when already built)")
     return parser
 
 
@@ -81,6 +86,16 @@ def _transcribe(args) -> None:
     print(load_transcriber(cfg.model.speech, args.device).transcribe(audio))
 
 
+def _rehearsal_weights(args) -> None:
+    from trimodal.models.rehearsal import build_phi2_rehearsal, rehearsal_overrides
+
+    start = time.perf_counter()
+    weights = build_phi2_rehearsal(Path(args.out))
+    print("\n".join(rehearsal_overrides(weights)))
+    print(f"[rehearsal] RANDOM weights for the phi2 preset: {weights.lm}, {weights.vision} "
+          f"({time.perf_counter() - start:.1f}s); pass each line above to a job as --set", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -90,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.question and not args.audio:
                 raise ValueError("give a question, --audio, or both")
             _ask(args)
+        elif args.command == "rehearsal-weights":
+            _rehearsal_weights(args)
         else:
             _transcribe(args)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as exc:
