@@ -240,7 +240,9 @@ def build_phi2_rehearsal(out_dir: Path, shape: TinyPhiShape = TinyPhiShape(), vi
 
 
 def rehearsal_overrides(weights: RehearsalWeights) -> list[str]:
-    """The `--set` overrides that point the `phi2` preset at `weights` (absolute paths, YAML flow mappings;
-    the path is JSON-quoted, which YAML reads as a double-quoted string whatever characters it holds)."""
-    return [f"model.language_model.source={{kind: path, name: {json.dumps(str(weights.lm.resolve()))}}}",
-            f"model.vision.source={{kind: path, name: {json.dumps(str(weights.vision.resolve()))}}}"]
+    """The `--set` overrides that point the `phi2` preset at `weights`: absolute paths in compact JSON (which YAML
+    reads as a flow mapping), one shell word each where the path has no spaces."""
+    def source(path: Path) -> str:
+        return json.dumps({"kind": "path", "name": str(path.resolve())}, separators=(",", ":"))
+
+    return [f"model.language_model.source={source(weights.lm)}", f"model.vision.source={source(weights.vision)}"]
