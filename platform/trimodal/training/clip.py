@@ -28,8 +28,9 @@ from trimodal.files import publish_dir
 from trimodal.models.vision import build_random_clip, normalise_pixels, preprocess_images, resize_crop
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
 from trimodal.training.metrics import MetricsLog
-from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, optimizer_step,
-                                        restored_checkpoint, run_config, scaling_config, start_worker)
+from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, restored_checkpoint,
+                                        run_config, scaling_config, start_worker)
+from trimodal.training.step import optimizer_step
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
 MAX_TEXT_TOKENS = 32

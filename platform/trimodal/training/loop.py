@@ -18,15 +18,14 @@ import ray.train.torch
 import torch
 
 from trimodal.config import StageConfig, TrimodalConfig, config_from_dict
-from trimodal.hardware import native_bf16
 from trimodal.runs import RunInfo
 from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state, weights_digest
 from trimodal.training.collate import Batch, Collator
 from trimodal.training.metrics import MetricsLog, record_worker
 from trimodal.training.policies import StageModel, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
-from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambda, optimizer_step, restored_checkpoint,
-                                        start_worker)
+from trimodal.training.scaffold import StepReporter, iterate_batches, lr_lambda, restored_checkpoint, start_worker
+from trimodal.training.step import train_step, use_autocast
 
 
 @dataclass
@@ -63,26 +62,6 @@ def build_stage(cfg: TrimodalConfig, options: LoopOptions, device, ckpt_dir: Pat
 def _to_device(batch: Batch, device) -> Batch:
     feats = None if batch.image_features is None else batch.image_features.to(device)
     return Batch(batch.input_ids.to(device), batch.attention_mask.to(device), batch.labels.to(device), feats)
-
-
-def use_autocast(stage: StageConfig, device) -> bool:
-    """bf16 autocast when the stage asks for it and the hardware runs it natively (emulated bf16 is slower)."""
-    if not stage.autocast_bf16:
-        return False
-    if native_bf16(device):
-        return True
-    print(f"[train] autocast_bf16 requested, but {device} has no native bfloat16: training in float32", flush=True)
-    return False
-
-
-def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device) -> tuple[float, int]:
-    """One optimizer step; returns (loss, target tokens)."""
-    model.train()
-    dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
-        loss, n_targets = model(batch.input_ids, batch.attention_mask, batch.image_features, batch.labels)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    return optimizer_step(loss, trainable, optimizer, scheduler), n_targets
 
 
 def _maybe_fail(options: LoopOptions, step: int) -> None:

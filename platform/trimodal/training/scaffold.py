@@ -5,7 +5,7 @@ and the refusal to start a fresh run over a run's checkpoints (`check_resume`).
 
 Worker side: the seeded worker start (`start_worker`), the checkpoint Ray Train hands over (`restored_checkpoint`),
 the learning-rate schedule (`lr_lambda`), the resumable batch stream (`iterate_batches`), the optimizer step
-(`optimizer_step`) and what ends every step (`StepReporter`: data position, metrics line, report, checkpoint).
+(`step.py`: `optimizer_step`) and what ends every step (`StepReporter`: data position, metrics line, report, checkpoint).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,16 +129,6 @@ def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: in
         if not produced:
             raise RuntimeError(f"the training shard has fewer than {batch_size} rows: lower --batch-size")
         epoch, skip = epoch + 1, 0
-
-
-def optimizer_step(loss: torch.Tensor, params: Iterable[torch.Tensor], optimizer, scheduler) -> float:
-    """Backward, clip the gradient norm of `params` to 1, step the optimizer and the schedule; returns the loss."""
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    scheduler.step()
-    return float(loss.detach())
 
 
 def report(metrics: dict, with_checkpoint: bool, save: Callable[[Path], None]) -> None:

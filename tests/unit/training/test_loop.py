@@ -6,7 +6,7 @@ import torch
 
 from trimodal.config import load_config
 from trimodal.hardware import native_bf16
-from trimodal.training.loop import use_autocast
+from trimodal.training.step import use_autocast
 
 
 def test_autocast_only_when_asked_for():

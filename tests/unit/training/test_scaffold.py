@@ -11,7 +11,8 @@ from trimodal.config import load_config
 from trimodal.training import scaffold
 from trimodal.training.checkpoint import TrainState
 from trimodal.training.metrics import MetricsLog
-from trimodal.training.scaffold import RunExistsError, StepReporter, check_resume, lr_lambda, optimizer_step
+from trimodal.training.scaffold import RunExistsError, StepReporter, check_resume, lr_lambda
+from trimodal.training.step import optimizer_step
 
 
 def test_lr_warms_up_then_decays_to_a_tenth():
