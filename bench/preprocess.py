@@ -24,7 +24,7 @@ from trimodal.config import ModelSource, TinyCLIPShape, VisionConfig
 from trimodal.data.preprocess import PipelineOptions, Plan, build_plan, default_cpus_per_encoder
 from trimodal.data.preprocess.images import encode_images
 from trimodal.data.preprocess.pipeline import load_image, tower_info
-from trimodal.data.shapes import write_shapes_dataset
+from trimodal.data.shapes.dataset import write_shapes_dataset
 
 # TinyCLIP-ViT-61M/32: 12 x (4 * 640^2 + 2 * 640 * 2560) ~ 59M weights in the blocks + embeddings ~ 61M.
 TINYCLIP_61M = VisionConfig(

@@ -10,7 +10,7 @@ import _project  # noqa: F401  (first: this job's own library, or one line sayin
 import argparse
 
 from trimodal.config import load_config, preset_names
-from trimodal.data.shapes import write_shapes_dataset
+from trimodal.data.shapes.dataset import write_shapes_dataset
 
 
 def main(argv: list[str] | None = None) -> None:

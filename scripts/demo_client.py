@@ -41,7 +41,7 @@ def ask(client: OpenAI, models: list[tuple[str, str]], title: str, content) -> N
 
 def held_out_image_with_one_circle(shapes: Path) -> Path:
     """The first held-out image showing exactly one circle (the spoken question asks about "the circle")."""
-    from trimodal.data.shapes import read_shapes_meta
+    from trimodal.data.shapes.dataset import read_shapes_meta
 
     for truth in read_shapes_meta(shapes / "shapes_meta.json"):
         if truth.split == "val" and [o.shape for o in truth.objects].count("circle") == 1:

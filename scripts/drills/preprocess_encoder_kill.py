@@ -99,7 +99,7 @@ def run_drill(work: Path, images: int, kill_after: int) -> PreprocessDrill:
 
     from trimodal.config import load_config
     from trimodal.data.preprocess import PipelineOptions, build_plan, run_preprocess
-    from trimodal.data.shapes import write_shapes_dataset
+    from trimodal.data.shapes.dataset import write_shapes_dataset
 
     shapes, out = work / "shapes", work / "data"
     write_shapes_dataset(shapes, n_train=images, n_val=4, seed=3)

@@ -74,7 +74,7 @@ def prepare_data(work: Path) -> Path:
     """A small shapes set, preprocessed with the test preset's random CLIP (Ray Data)."""
     from trimodal.config import load_config
     from trimodal.data.preprocess import PipelineOptions, build_plan, run_preprocess
-    from trimodal.data.shapes import write_shapes_dataset
+    from trimodal.data.shapes.dataset import write_shapes_dataset
 
     shapes, out = work / "shapes", work / "data"
     write_shapes_dataset(shapes, n_train=24, n_val=6, seed=1)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # every case runs a job's entry point in a subprocess; two start a local Ray
 ROOT = Path(__file__).resolve().parents[2]
 GUARD_S = 90
 """A mistake is reported in seconds; this only stops a hang from stalling the suite."""
@@ -47,7 +48,7 @@ def refused_port() -> int:
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    from trimodal.data.shapes import write_shapes_dataset
+    from trimodal.data.shapes.dataset import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_dataset(root, n_train=4, n_val=2, seed=3)

@@ -23,7 +23,8 @@ from PIL import Image
 from trimodal.config import load_config
 from trimodal.data.preprocess import PipelineOptions, build_plan, run_preprocess
 from trimodal.data.readers import open_stage1, open_stage2, read_manifest, read_rows
-from trimodal.data.shapes import VAL_ID_OFFSET, write_shapes_dataset
+from trimodal.data.shapes.dataset import write_shapes_dataset
+from trimodal.data.shapes.samples import VAL_ID_OFFSET
 
 pytestmark = pytest.mark.slow
 

@@ -27,7 +27,7 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
-    from trimodal.data.shapes import write_shapes_dataset
+    from trimodal.data.shapes.dataset import write_shapes_dataset
 
     root = tmp_path_factory.mktemp("shapes")
     write_shapes_dataset(root, n_train=24, n_val=6, seed=1)

@@ -1,9 +1,10 @@
 """Question typing and answer scoring for conversations about held-out images.
 
 Questions of the shapes set are typed by their wording (`question_type`): every wording of the set's PHRASINGS
-(`trimodal.data.shapes.phrasing_of`), else a few open patterns ("What colour is ...", "How many ...", "Is there
-..."); other questions are typed `other` and are not scored. An answer is scored strictly (`answer_correct`): it
-counts only when it names exactly what the reference answer names, and nothing else of the same kind.
+(`phrasing_of`, which also tells its phrasing set), else a few open patterns ("What colour is ...", "How many ...",
+"Is there ..."); other questions are typed `other` and are not scored. An answer is scored strictly
+(`answer_correct`): it counts only when it names exactly what the reference answer names, and nothing else of the
+same kind.
 
 - colour / shape: the set of colour (shape) words of the answer equals that of the reference. "It is red." is
   right for "The circle is red."; "red and blue" and "The circle is green." are wrong. `side` ("What color is the
@@ -19,18 +20,20 @@ counts only when it names exactly what the reference answer names, and nothing e
 Words are whole tokens (runs of letters or digits): "reddish" is not a colour and "squared" not a shape; the
 plural of a shape ("squares") is that shape.
 
-`lenient_answer_correct` is the scorer before issue 17, kept to compare old runs (`rescore_predictions`,
-`scripts/rescore.py`).
+`lenient_answer_correct` is the looser rule (an answer counts when it contains the expected word, `parse_answer`),
+kept so that runs can be scored both ways and compared (`rescore_predictions`, `scripts/rescore.py`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import string
 from collections import Counter, defaultdict
+from functools import lru_cache
 from pathlib import Path
 
-from trimodal.data.shapes import COLORS, SHAPES, parse_answer, phrasing_of
+from trimodal.data.shapes.vocabulary import COLORS, NUMBER_WORDS, PHRASINGS, QUESTION_TYPES, SHAPES
 
 QUESTION_PATTERNS: tuple[tuple[str, str], ...] = (
     ("side", r"^\s*(what|which) colou?r\b.*\b(left|right)(most)?\b"),
@@ -48,6 +51,41 @@ SHAPE_WORDS: dict[str, str] = {**{s: s for s in SHAPES}, **{s + "s": s for s in 
 """Shape tokens (singular and plural) -> the shape."""
 RULES: tuple[str, ...] = ("lenient", "strict")
 """The two scorers `rescore_predictions` compares."""
+
+
+@lru_cache(maxsize=1)
+def _phrasing_patterns() -> tuple[tuple[str, str, re.Pattern], ...]:
+    """(type, phrasing set, pattern) of every wording of PHRASINGS, its slots filled by what the set asks about."""
+    colors, shapes = "|".join(COLORS), "|".join(SHAPES)
+    slots = {
+        "color": {"thing": rf"the (?:{shapes}|shape|object)"},
+        "shape": {"thing": rf"the (?:{colors}) (?:object|shape|one)"},
+        "exists": {"item": rf"an? (?:{colors}) (?:{shapes})"},
+        "side": {"side": r"(?:left|right)"},
+    }
+    out = []
+    for qtype, sets in PHRASINGS.items():
+        for which, templates in sets.items():
+            for template in templates:
+                regex = "".join(re.escape(_spelling(literal)) + (slots[qtype][field] if field else "")
+                                for literal, field, _, _ in string.Formatter().parse(template))
+                out.append((qtype, which, re.compile(regex, re.IGNORECASE)))
+    return tuple(out)
+
+
+def _spelling(text: str) -> str:
+    """One spelling of colour: a transcript (Whisper writes 'color') still matches a 'colour' wording."""
+    return re.sub(r"colour", "color", text, flags=re.IGNORECASE)
+
+
+def phrasing_of(question: str) -> tuple[str, str] | None:
+    """(question type, phrasing set) of a question worded from PHRASINGS (case, runs of white space and colour /
+    color ignored); None for any other question."""
+    text = _spelling(" ".join(question.split()))
+    for qtype, which, pattern in _phrasing_patterns():
+        if pattern.fullmatch(text):
+            return qtype, which
+    return None
 
 
 def question_type(question: str) -> str:
@@ -130,23 +168,36 @@ def answer_correct(qtype: str, predicted: str, reference: str) -> bool | None:
     return None if not expected else named(qtype, predicted) == expected
 
 
-def _lenient_words(text: str) -> set[str]:
-    return set(re.findall(r"[a-z0-9]+", text.lower()))
+def parse_answer(question_type: str, text: str) -> str | None:
+    """The ground-truth keyword a free-form answer states (its first colour, shape, number word, yes or no), or,
+    for `describe`, the answer normalised like a canonical caption; None when the answer names none."""
+    if question_type not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
+    if question_type == "describe":
+        return text.lower().strip().rstrip(". ") or None
+    if question_type == "count":
+        vocab = {**{str(k): v for k, v in NUMBER_WORDS.items()}, **{v: v for v in NUMBER_WORDS.values()}}
+    elif question_type == "exists":
+        vocab = {"yes": "yes", "no": "no"}
+    else:
+        words = COLORS if question_type in ("color", "side") else SHAPES
+        vocab = {**{w: w for w in words}, **{w + "s": w for w in words}}
+    return next((vocab[token] for token in tokens(text) if token in vocab), None)
 
 
 def lenient_answer_correct(qtype: str, predicted: str, reference: str) -> bool | None:
-    """The scorer before issue 17, kept to compare old runs: `predicted` counts when it contains the expected word
-    of `reference` (so an answer listing every colour counts); for `describe`, when it contains every colour and
+    """The looser rule, kept to score runs both ways: `predicted` counts when it contains the expected word of
+    `reference` (so an answer listing every colour counts); for `describe`, when it contains every colour and
     shape word of the reference."""
     if qtype == "other":
         return None
     if qtype == "describe":
-        needed = _lenient_words(reference) & (set(COLORS) | set(SHAPES))
-        return bool(needed) and needed <= _lenient_words(predicted.replace("squares", "square"))
+        needed = set(tokens(reference)) & (set(COLORS) | set(SHAPES))
+        return bool(needed) and needed <= set(tokens(predicted.replace("squares", "square")))
     expected = parse_answer(qtype, reference)
     if expected is None:
         return None
-    return parse_answer(qtype, predicted) == expected or expected in _lenient_words(predicted)
+    return parse_answer(qtype, predicted) == expected or expected in tokens(predicted)
 
 
 def rescore_rows(rows: list[dict]) -> dict:

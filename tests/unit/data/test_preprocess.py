@@ -19,7 +19,8 @@ from trimodal.data.preprocess.parquet import ParquetSink, image_schema
 from trimodal.data.preprocess.pipeline import ClipEncoder, decode_images, load_image, pin_vision
 from trimodal.data.preprocess.plan import ImageRecord, drop_rows_of, find_coco_splits
 from trimodal.data.preprocess.publish import publish, scratch_dir
-from trimodal.data.shapes import VAL_ID_OFFSET, write_shapes_dataset
+from trimodal.data.shapes.dataset import write_shapes_dataset
+from trimodal.data.shapes.samples import VAL_ID_OFFSET
 
 QUIET = lambda message: None  # noqa: E731
 

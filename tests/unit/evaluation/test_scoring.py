@@ -1,6 +1,7 @@
-"""The strict answer scorer (issue 17), the shapes set's question typing, and the lenient-vs-strict re-scoring.
+"""The strict answer scorer, the shapes set's question typing and phrasing sets, answer parsing, and the
+lenient-vs-strict re-scoring.
 
-Every "wrong" case below is one the scorer before issue 17 (`lenient_answer_correct`) counted as right.
+Every "wrong" case below is one the lenient rule (`lenient_answer_correct`) counts as right.
 """
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from trimodal.data.shapes import ANSWERS, COLORS, PHRASINGS, SHAPES, ShapeObject, phrasing_of, questions_for
+from trimodal.data.shapes.drawing import ShapeObject
+from trimodal.data.shapes.questions import questions_for
+from trimodal.data.shapes.vocabulary import ANSWERS, COLORS, PHRASINGS, SHAPES
 from trimodal.evaluation.scoring import (
     answer_correct,
     described_objects,
     format_rescore,
     lenient_answer_correct,
+    parse_answer,
+    phrasing_of,
     question_type,
     rescore_predictions,
     rescore_rows,
@@ -50,7 +55,7 @@ RIGHT = [
     ("exists", "no", "No, I cannot see a blue square."),
 ]
 
-WRONG_NOW = [  # right for the lenient scorer, wrong for the strict one
+WRONG_BUT_LENIENTLY_RIGHT = [  # right for the lenient scorer, wrong for the strict one
     ("color", "red and blue", "The circle is red."),
     ("color", "It is red, blue, green, yellow, purple or orange.", "The circle is red."),
     ("color", "The red circle is blue.", "The circle is red."),
@@ -91,7 +96,7 @@ def test_answers_naming_exactly_the_expected_thing_are_right(qtype, predicted, r
     assert answer_correct(qtype, predicted, reference) is True
 
 
-@pytest.mark.parametrize("qtype,predicted,reference", WRONG_NOW)
+@pytest.mark.parametrize("qtype,predicted,reference", WRONG_BUT_LENIENTLY_RIGHT)
 def test_answers_naming_more_or_other_things_are_wrong_though_the_lenient_rule_took_them(qtype, predicted,
                                                                                            reference):
     assert lenient_answer_correct(qtype, predicted, reference) is True
@@ -218,6 +223,29 @@ def test_question_type_of_the_four_templates_and_other_questions():
     assert question_type("Which colour is the big shape on the left?") == "side"  # open patterns, no wording
     assert question_type("What color is the tiny circle?") == "color"
     assert question_type("Is there a pink star?") == "exists"
+
+
+def test_phrasing_of_ignores_case_white_space_and_colour_spelling():
+    assert phrasing_of("What color is the circle?") == ("color", "seen")
+    assert phrasing_of("What shape is the red object?") == ("shape", "seen")
+    assert phrasing_of("  what colour   IS the square? ") == ("color", "seen")
+    assert phrasing_of("name the color of the circle.") == ("color", "held_out")  # Whisper's spelling, no capital
+    assert phrasing_of("Which color does the circle have?") == ("color", "held_out")  # the demo's spoken question
+    assert phrasing_of("What is the capital of France?") is None
+
+
+def test_parse_answer():
+    assert parse_answer("color", "The circle is Red.") == "red"
+    assert parse_answer("shape", "It is a triangle.") == "triangle"
+    assert parse_answer("shape", "Two squares") == "square"
+    assert parse_answer("count", "There are 2 shapes.") == "two"
+    assert parse_answer("count", "There is one shape.") == "one"
+    assert parse_answer("color", "I cannot tell.") is None
+    assert parse_answer("side", "The left shape is purple.") == "purple"
+    assert parse_answer("exists", "No, there is no red circle.") == "no"
+    assert parse_answer("describe", "A red circle. ") == "a red circle"
+    with pytest.raises(ValueError, match="unknown question type"):
+        parse_answer("size", "big")
 
 
 def _rows() -> list[dict]:

@@ -176,7 +176,7 @@ def test_whisper_base_batch_matches_single(base_speech):
 
 @pytest.mark.slow
 def test_whisper_base_transcribes_the_demo_question_exactly(base_speech):
-    from trimodal.data.shapes import phrasing_of
+    from trimodal.evaluation.scoring import phrasing_of
 
     text = base_speech.transcribe(decode_audio(DATA.parents[1] / "assets" / "what_color.wav"))
     assert text == "Which color does the circle have?"

@@ -1,0 +1,49 @@
+"""Captions and questions of the shapes set: the canonical caption and its paraphrases, left/right by centre x,
+and varied wordings, answers and first turns with a balanced yes/no."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+from trimodal.data.shapes.drawing import render
+from trimodal.data.shapes.questions import caption_for
+from trimodal.data.shapes.samples import sample_image
+from trimodal.data.shapes.vocabulary import COLORS, PHRASINGS
+from trimodal.evaluation.scoring import answer_correct, tokens
+
+
+def test_captions() -> None:
+    sample = next(s for s in (sample_image(0, "train", i) for i in range(50)) if len(s.objects) == 2)
+    canonical = caption_for(sample.objects)
+    assert sample.captions[0] == canonical
+    assert re.fullmatch(r"an? \w+ \w+ and an? \w+ \w+", canonical)
+    assert len(set(sample.captions)) == 3
+    orange = [s for s in (sample_image(0, "train", i) for i in range(60)) if s.objects[0].color == "orange"]
+    assert orange and orange[0].captions[0].startswith("an orange ")
+
+
+def test_left_and_right_are_the_shapes_by_centre_x() -> None:
+    asked = 0
+    for index in range(120):
+        sample = sample_image(5, "val", index)
+        for q in (q for conv in sample.conversations for q in conv if q.type == "side"):
+            left, right = sorted(sample.objects, key=lambda o: o.cx)
+            pixels = render(sample.background, sample.objects).load()
+            side = left if re.search(r"\bleft(most)?\b", q.question) else right
+            assert pixels[side.cx, side.cy] == COLORS[q.expected] and q.expected == side.color
+            assert answer_correct("side", q.answer, q.expected) and side.color in tokens(q.answer)
+            asked += 1
+    assert asked > 20
+
+
+def test_wordings_answers_and_first_turns_are_varied_and_yes_no_is_balanced() -> None:
+    samples = [sample_image(0, "train", i) for i in range(300)]
+    questions = [q for s in samples for conv in s.conversations for q in conv]
+    for qtype in PHRASINGS:
+        asked = [q for q in questions if q.type == qtype]
+        assert len({q.question for q in asked}) >= 8 and len({q.answer for q in asked}) >= 4, qtype
+    first = Counter(conv[0].type for s in samples for conv in s.conversations)
+    assert set(first) == set(PHRASINGS) and min(first.values()) > 15
+    answers = Counter(q.expected for q in questions if q.type == "exists")
+    assert abs(answers["yes"] - answers["no"]) < 0.15 * len(samples)
