@@ -29,7 +29,7 @@ from trimodal.models.vision import build_random_clip, normalise_pixels, preproce
 from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_optimizer_state, save_weights
 from trimodal.training.metrics import MetricsLog
 from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, restored_checkpoint,
-                                        run_config, scaling_config, start_worker)
+                                        run_config, scaling_config, start_worker, torch_config, worker_device)
 from trimodal.training.step import optimizer_step
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
@@ -201,7 +201,8 @@ def clip_train_loop(config: dict) -> None:
     total = sum(p.numel() for p in model.parameters())
     log = MetricsLog(run_dir, enabled=rank == 0)
     log.start(0, total, total, state.step, stage.steps)
-    wrapped = ray.train.torch.prepare_model(model) if ray.train.get_context().get_world_size() > 1 else model
+    wrapped = (ray.train.torch.prepare_model(model, move_to_device=worker_device())
+               if ray.train.get_context().get_world_size() > 1 else model)
     batches = iterate_batches(ray.train.get_dataset_shard("train"), ClipCollator(tokenizer, stage.seed + rank,
                                                                               cfg.model.vision.stage0_phrases),
                               stage.batch_size, state, stage.seed)
@@ -276,6 +277,7 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
         clip_train_loop, train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(out_dir.resolve()),
                                             "tokenizer_dir": str(tok_dir.resolve())},
         scaling_config=scaling_config(cfg.stage0), run_config=run_config(out_dir, cfg.stage0),
+        torch_config=torch_config(cfg.stage0),
         datasets={"train": train_ds}, dataset_config=DataConfig(execution_options=ingest))
     result = trainer.fit()
     model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))

@@ -24,7 +24,8 @@ from trimodal.training.collate import Batch, Collator
 from trimodal.training.metrics import MetricsLog, record_worker
 from trimodal.training.policies import StageModel, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
-from trimodal.training.scaffold import StepReporter, iterate_batches, lr_lambda, restored_checkpoint, start_worker
+from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambda, restored_checkpoint, start_worker,
+                                        worker_device)
 from trimodal.training.step import train_step, use_autocast
 
 
@@ -104,7 +105,7 @@ def train_loop(config: dict) -> None:
     options = LoopOptions(**config["options"])
     stage = cfg.stage1 if options.stage == 1 else cfg.stage2
     rank = start_worker(stage)
-    device = ray.train.torch.get_device()
+    device = worker_device()
     stage_model, optimizer, scheduler, state = _restore(cfg, options, stage, device)
     log = MetricsLog(Path(options.run_dir), enabled=rank == 0)
     log.start(options.stage, stage_model.trainable, stage_model.total, state.step, stage.steps)

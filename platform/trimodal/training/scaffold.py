@@ -51,6 +51,18 @@ def scaling_config(stage: StageConfig):
                          accelerator_type=stage.accelerator_type if stage.use_gpu else None)
 
 
+def torch_config(stage: StageConfig):
+    """The process group: NCCL for CUDA tensors where this torch build has NCCL, Gloo for the rest.
+
+    Ray Train picks NCCL for any worker granted a GPU and starts it even for one worker; a CPU build of torch (a node
+    whose GPU torch cannot use) has no NCCL, so that start fails.
+    """
+    import torch.distributed as dist
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="cpu:gloo,cuda:nccl" if stage.use_gpu and dist.is_nccl_available() else "gloo")
+
+
 def run_config(out_dir: Path, stage: StageConfig):
     """Checkpoints under OUT/train, keeping `num_to_keep`; `max_failures` worker-group restarts."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig
@@ -76,6 +88,14 @@ def check_resume(out_dir: Path, resume: bool) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Worker side
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def worker_device() -> torch.device:
+    """The GPU Ray Train assigned this worker where torch sees CUDA, else the CPU: Ray Train's get_device() names
+    cuda:N for any granted GPU resource, whether or not torch can use one."""
+    import ray.train.torch
+
+    return ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
 
 
 def start_worker(stage: StageConfig) -> int:

@@ -23,7 +23,7 @@ from trimodal.config import StageConfig, TrimodalConfig
 from trimodal.files import publish_dir
 from trimodal.training.loop import LoopOptions, train_loop
 from trimodal.training.samples import sample_prompts
-from trimodal.training.scaffold import check_resume, run_config, scaling_config
+from trimodal.training.scaffold import check_resume, run_config, scaling_config, torch_config
 
 
 def stage_config(cfg: TrimodalConfig, stage: int) -> StageConfig:
@@ -70,6 +70,7 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
         train_loop,
         train_loop_config={"cfg": cfg.to_dict(), "options": asdict(options), "samples": _samples(val_ds, cfg)},
         scaling_config=scaling_config(stage_cfg), run_config=run_config(out_dir, stage_cfg),
+        torch_config=torch_config(stage_cfg),
         datasets={"train": train_ds}, dataset_config=DataConfig(datasets_to_split=["train"], execution_options=ingest))
     started = time.perf_counter()
     result = trainer.fit()

@@ -62,3 +62,16 @@ def test_check_resume_refuses_a_run_with_checkpoints(tmp_path: Path):
     (tmp_path / "final").mkdir()
     check_resume(tmp_path, resume=True)
     assert (tmp_path / "final").is_dir()
+
+
+def test_the_process_group_needs_nccl_only_where_torch_has_it():
+    """Ray Train would start NCCL for any GPU worker; a torch build without NCCL (a CPU build on a node that was
+    granted a GPU) trains over Gloo instead."""
+    import torch.distributed as dist
+
+    from trimodal.config import StageConfig
+    from trimodal.training.scaffold import torch_config
+
+    gpu = torch_config(StageConfig(use_gpu=True)).backend
+    assert gpu == ("cpu:gloo,cuda:nccl" if dist.is_nccl_available() else "gloo")
+    assert torch_config(StageConfig(use_gpu=False)).backend == "gloo"
