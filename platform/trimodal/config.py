@@ -488,10 +488,19 @@ def _read_preset(name_or_path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"preset: {path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"preset: {yaml_error_line(str(path), exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"preset: {path} must hold a mapping at the top level")
     return data
+
+
+def yaml_error_line(source: str, exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: its source (a file), the line and column where the parser gave up, and why."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
 
 
 def load_config(name_or_path: str | Path = "cpu",
@@ -513,7 +522,10 @@ def _split_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(yaml_error_line(f"override {text!r}", exc)) from None
 
 
 def save_config(cfg: TrimodalConfig, path: str | Path) -> None:

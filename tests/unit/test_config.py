@@ -93,3 +93,17 @@ def test_bad_engine_settings_name_the_field():
         load_config("cpu", ["serving.vllm.max_loras=1"])
     with pytest.raises(ConfigError, match=r"serving\.vllm\.lora_target_modules: embeddings cannot take LoRA"):
         load_config("cpu", {"serving.vllm.lora_target_modules": ["qkv_proj", "embed_tokens"]})
+
+
+def test_a_yaml_mistake_is_one_line_naming_the_file_line_and_column(tmp_path):
+    from trimodal.config import ConfigError
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\nmodel:\n  vision: {image_size: 224\ndata: {}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"preset: {path}:4:") and "not valid YAML" in message
+    with pytest.raises(ConfigError) as err:
+        load_config("test", ["serving.port=[1"])
+    assert "\n" not in str(err.value) and str(err.value).startswith("override 'serving.port=[1':1:")
