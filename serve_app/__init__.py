@@ -4,9 +4,12 @@
     serve run serve_app:build_app preset=test run=DIR  # or arguments do
     serve deploy serve_app/serve_config.yaml           # a production example (one A100)
 
-Modules: `deployments` and `ingress` hold plain classes (no Ray), `settings` resolves env/preset/run (no Ray),
-`app` is the builder (the only module importing ray.serve). `graph` and `build_app` load lazily, so importing
-the plain classes (replicas, unit tests) neither imports Ray Serve nor builds anything.
+Modules: one plain class per model deployment, `speech` (Speech), `vision` (Vision) and `language_model`
+(LanguageModel, and VllmLanguageModel for serving.engine=vllm), with what they share in `replica`; `ingress`
+(the HTTP front door) and `registry` (the models a request may name); `metrics`; `settings` resolves
+env/preset/run. None of them builds a Serve deployment: `app` is the builder (the only module calling
+serve.deployment). `graph` and `build_app` load lazily, so importing the plain classes (replicas, unit tests)
+neither imports Ray Serve nor builds anything.
 """
 
 from __future__ import annotations

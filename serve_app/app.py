@@ -32,10 +32,13 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from trimodal.config import ConfigError, TrimodalConfig
+from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
 
-from serve_app.deployments import LanguageModel, Speech, Vision, VllmLanguageModel
 from serve_app.ingress import Ingress
+from serve_app.language_model import LanguageModel, VllmLanguageModel
 from serve_app.settings import AppSettings, SettingsError, ingress_settings, lm_hidden_size, resolve_settings
+from serve_app.speech import Speech
+from serve_app.vision import Vision
 
 BATCH_WAIT_S = {"Speech": 0.02, "Vision": 0.01, "LanguageModel": 0.02}
 """How long a replica waits to fill a batch after its first request arrives."""
@@ -43,7 +46,8 @@ GPU_SHARE = {"Speech": 0.1, "Vision": 0.1, "LanguageModel": 0.6}
 """Default fractions of one GPU when device=cuda (serve_config.yaml sets its own)."""
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_ENV_VARS = ("VLLM_CACHE_ROOT", "VLLM_LOGGING_LEVEL", "TRIMODAL_CACHE", "HF_HOME", "HF_HUB_OFFLINE")
-"""Environment variables the vllm replica inherits from the builder (when set)."""
+"""Environment variables the vllm replica inherits from the builder (when set); it also always gets
+NO_TELEMETRY_ENV (no vLLM usage statistics, no Hugging Face telemetry), whatever the builder's environment says."""
 RETRY_AFTER_S = 1
 OVERLOAD_ERRORS = (BackPressureError, DeploymentUnavailableError)
 """What a handle call raises when a deployment cannot take the request: the ingress answers 503 + Retry-After."""
@@ -129,7 +133,7 @@ def bind_vllm_lm(settings: AppSettings):
     """The LanguageModel on the vllm engine: its replica runs in the vllm environment (runtime_env py_executable);
     vLLM batches continuously, so no serve.batch."""
     serving = settings.cfg.serving
-    env_vars = {name: os.environ[name] for name in VLLM_ENV_VARS if name in os.environ}
+    env_vars = {**{name: os.environ[name] for name in VLLM_ENV_VARS if name in os.environ}, **NO_TELEMETRY_ENV}
     options = {**_actor_options(settings, "LanguageModel", settings.lm_cpus),
                "runtime_env": {"py_executable": str(vllm_python(settings)), "env_vars": env_vars}}
     lm = serve.deployment(VllmLanguageModel, name="LanguageModel", ray_actor_options=options,

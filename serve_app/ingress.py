@@ -257,11 +257,11 @@ class Ingress:
             info = {"preset": self.settings.preset, "run": self.settings.run_name, **self.settings.details}
             for part in parts:
                 info.update(part)
-            info["note"] = self._note(info)
+            info["note"] = self._run_and_untrained_note(info)
             self._info = info
         return self._info
 
-    def _note(self, info: dict) -> str:
+    def _run_and_untrained_note(self, info: dict) -> str:
         notes = [self.settings.run_note] if self.settings.run_note else []
         if not info.get("projector_trained"):
             notes.append("the image projector is UNTRAINED (no finished training run): image answers are noise")
@@ -343,7 +343,7 @@ class Ingress:
                 return StreamingResponse(self.sse(chat, entry.id, stream, first, deadline, timings),
                                          media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            answer = self.collect(chat, entry.id, stream, first, gen_request, timings)
+            answer = self.whole_answer(chat, entry.id, stream, first, gen_request, timings)
             return JSONResponse(await self._with_deadline(answer, deadline))
         except BaseException:
             stream.cancel()
@@ -390,7 +390,7 @@ class Ingress:
             raise
         return GenerationRequest(parsed.turns(transcripts), embeds, chat.params, transcripts, run)
 
-    async def collect(self, chat: ChatRequest, model: str, stream, first: dict, gen_request: GenerationRequest,
+    async def whole_answer(self, chat: ChatRequest, model: str, stream, first: dict, gen_request: GenerationRequest,
                       timings: RequestTimings) -> dict:
         """A whole (non-streaming) answer, from the model id `model`, with its `timings`."""
         text, last = [], {"finish_reason": "stop", "completion_tokens": 0}

@@ -4,7 +4,7 @@ run of the server's preset under the runs directory. Plain Python (no Ray, no to
 Ids (preset `cpu` shown):
 
 - `trimodal-cpu`: the server's default run (TRIMODAL_RUN, else the newest finished run; the base model when there
-  is none), as before runs could be chosen; a request without `model` gets it too;
+  is none); a request without `model` gets it;
 - `trimodal-cpu/base`: the language model without any adapter and the untrained projector seeded from the config,
   on the config's vision tower;
 - `demo/finetune`, `demo/pretrain`, ...: a finished run by its directory relative to the runs directory (its

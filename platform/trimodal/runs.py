@@ -18,7 +18,6 @@ From a run this module loads:
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +29,7 @@ from trimodal.config import SpeechConfig, TrimodalConfig, config_from_dict
 from trimodal.inference.engine import Engine, TextGenerator
 from trimodal.inference.messages import MediaLimits
 from trimodal.inference.requests import RunBundle, prompt_token_limit
+from trimodal.lru import Lru
 from trimodal.models.language import image_end_id, load_language_model
 from trimodal.models.multimodal import ImageEncoder
 from trimodal.models.projector import Projector, build_projector
@@ -151,24 +151,29 @@ class RunAdapters:
 
     def __init__(self, generator: TextGenerator, max_loaded: int):
         self.generator = generator
-        self.max_loaded = max(1, max_loaded)
-        self.loaded: OrderedDict[tuple[str, int], str] = OrderedDict()
+        self.loaded: Lru[tuple[str, int], str] = Lru(max(1, max_loaded), on_evict=self._delete)
         """(adapter directory, run version) -> adapter name, least recently used first."""
         self.loads = 0
-        self.evictions = 0
+
+    @property
+    def evictions(self) -> int:
+        """Adapters deleted so far to stay within `max_loaded`."""
+        return self.loaded.stats.evictions
 
     @staticmethod
     def key(run: RunBundle | None) -> tuple[str, int] | None:
         return (run.adapter, run.version) if run is not None and run.adapter else None
 
     def load(self, run: RunBundle | None) -> str:
-        """The adapter name of `run` (loaded now if it is not), most recently used; BASE_ADAPTER without one."""
+        """The adapter name of `run` (loaded now if it is not), most recently used; BASE_ADAPTER without one.
+
+        Nothing is evicted here: `names` evicts once the whole batch's adapters are loaded."""
         key = self.key(run)
         if key is None:
             return BASE_ADAPTER
-        if key in self.loaded:
-            self.loaded.move_to_end(key)
-            return self.loaded[key]
+        name = self.loaded.get(key)
+        if name is not None:
+            return name
         self.loads += 1
         name = f"run{self.loads}"
         lm = self.generator.lm
@@ -179,17 +184,15 @@ class RunAdapters:
 
             lm = PeftModel.from_pretrained(lm, key[0], adapter_name=name)
         self.generator.lm = lm.eval().requires_grad_(False)
-        self.loaded[key] = name
+        self.loaded.add(key, name)
         return name
 
     def names(self, runs: Sequence[RunBundle | None]) -> list[str] | None:
-        """Each row's adapter name, everything needed loaded; None while no adapter was ever loaded (plain LM)."""
+        """Each row's adapter name, everything needed loaded; None while no adapter was ever loaded (plain LM).
+        Then the least recently used adapters past `max_loaded` are deleted, never one this batch needs."""
         names = [self.load(run) for run in runs]
-        self.evict(keep={self.key(run) for run in runs})
+        self.loaded.evict(keep={self.key(run) for run in runs})
         return names if self.loaded else None
 
-    def evict(self, keep: set) -> None:
-        """Delete least recently used adapters past `max_loaded`, never one in `keep` (the batch's own)."""
-        for key in [k for k in self.loaded if k not in keep][:max(0, len(self.loaded) - self.max_loaded)]:
-            self.generator.lm.delete_adapter(self.loaded.pop(key))
-            self.evictions += 1
+    def _delete(self, key: tuple[str, int], name: str) -> None:
+        self.generator.lm.delete_adapter(name)

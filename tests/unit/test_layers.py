@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "platform" / "trimodal"
 
 ALLOWED = {
-    "config": set(), "files": set(), "audio": set(), "hardware": set(),
+    "config": set(), "files": set(), "audio": set(), "hardware": set(), "lru": set(),
     "weights": {"config", "files"},
     "models": {"config", "files", "weights", "audio"},
     "data": {"config", "files", "models"},
-    "inference": {"config", "files", "audio", "hardware", "models"},
-    "runs": {"config", "files", "weights", "models", "inference"},
+    "inference": {"config", "files", "audio", "hardware", "lru", "models"},
+    "runs": {"config", "files", "weights", "lru", "models", "inference"},
     "training": {"config", "files", "hardware", "models", "data", "inference", "runs"},
     "evaluation": {"config", "files", "models", "data", "inference", "runs"},
 }

@@ -167,10 +167,10 @@ class TextGenerator:
 
     def generate(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> list[Completion]:
         """Non-streaming batched generation."""
-        return collect(self.stream(prompts, params), prompts)
+        return completions_from_deltas(self.stream(prompts, params), prompts)
 
 
-def collect(deltas: Iterator[Delta], prompts: Sequence[Prompt]) -> list[Completion]:
+def completions_from_deltas(deltas: Iterator[Delta], prompts: Sequence[Prompt]) -> list[Completion]:
     """Streamed deltas of every row -> one Completion per prompt."""
     texts = [""] * len(prompts)
     finals: dict[int, Delta] = {}

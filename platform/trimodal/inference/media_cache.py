@@ -15,77 +15,41 @@ and nothing about the request's encoding can make two different images share a k
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-
-@dataclass
-class CacheStats:
-    """Counters of one cache since it was made."""
-
-    hits: int = 0
-    """Lookups that found their key."""
-    misses: int = 0
-    """Lookups that did not."""
-    evictions: int = 0
-    """Entries dropped to stay within the byte bound."""
-    entries: int = 0
-    """Entries held now."""
-    bytes: int = 0
-    """Bytes held now (as counted by the caller's sizes)."""
+from trimodal.lru import Lru
 
 
-@dataclass
-class MediaCache:
-    """A least-recently-used map from content keys to encoded media, holding at most `max_bytes`.
+class MediaCache(Lru[str, Any]):
+    """A least-recently-used map from content keys to encoded media, holding at most `max_bytes` (each entry
+    counted by the size its caller gives: `text_size`, `array_size`).
 
     `max_bytes` 0 turns caching off: every lookup misses and nothing is stored. Used from one event loop (the
     replica's), so no lock is needed.
     """
 
-    max_bytes: int
-    """Upper bound on the summed sizes of the entries held."""
-    stats: CacheStats = field(default_factory=CacheStats)
-    """Hits, misses, evictions, entries and bytes."""
-    _entries: OrderedDict = field(default_factory=OrderedDict, repr=False)
+    def __init__(self, max_bytes: int):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        super().__init__(max_bytes)
 
-    def __post_init__(self) -> None:
-        if self.max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
+    @property
+    def max_bytes(self) -> int:
+        """Upper bound on the summed sizes of the entries held."""
+        return self.capacity
 
     @property
     def enabled(self) -> bool:
-        return self.max_bytes > 0
+        return self.capacity > 0
 
-    def get(self, key: str) -> Any | None:
-        """The value stored under `key` (now the most recently used), or None."""
-        entry = self._entries.get(key)
-        if entry is None:
-            self.stats.misses += 1
-            return None
-        self._entries.move_to_end(key)
-        self.stats.hits += 1
-        return entry[0]
-
-    def put(self, key: str, value: Any, nbytes: int) -> None:
-        """Store `value` (counted as `nbytes`), evicting the least recently used entries to stay within the bound.
-
-        A value larger than the whole bound is not stored."""
-        if nbytes > self.max_bytes:
-            return
-        if key in self._entries:
-            self.stats.bytes -= self._entries.pop(key)[1]
-        self._entries[key] = (value, nbytes)
-        self.stats.bytes += nbytes
-        while self.stats.bytes > self.max_bytes:
-            _, (_, dropped) = self._entries.popitem(last=False)
-            self.stats.bytes -= dropped
-            self.stats.evictions += 1
-        self.stats.entries = len(self._entries)
+    def counters(self) -> dict[str, int]:
+        """What a replica reports of its cache: hits, misses, evictions, entries, bytes held."""
+        stats = self.stats
+        return {"hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions, "entries": stats.entries,
+                "bytes": stats.size}
 
 
 def audio_key(audio: np.ndarray) -> str:

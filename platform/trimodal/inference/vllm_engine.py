@@ -28,7 +28,7 @@ import torch
 
 from trimodal.config import TrimodalConfig, VllmConfig
 from trimodal.hardware import resolve_dtype
-from trimodal.inference.engine import Completion, Delta, Prompt, PromptBuilder, RowText, collect
+from trimodal.inference.engine import Completion, Delta, Prompt, PromptBuilder, RowText, completions_from_deltas
 from trimodal.inference.requests import SamplingParams, prompt_token_limit
 
 PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
@@ -82,9 +82,15 @@ def omp_threads_bind(setting: str) -> str:
     return f"{cores[0]}-{cores[-1]}" if contiguous else ",".join(map(str, cores))
 
 
+NO_TELEMETRY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+"""Environment that turns off vLLM's usage statistics (vllm.usage.usage_lib reads VLLM_NO_USAGE_STATS and
+DO_NOT_TRACK) and Hugging Face Hub telemetry: set in every process the project starts that may run either."""
+
+
 def engine_env(vcfg: VllmConfig) -> dict[str, str]:
-    """Environment variables vLLM reads at start (OpenMP core binding on CPU)."""
-    return {"VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(vcfg.omp_threads_bind)}
+    """Environment variables vLLM reads at start: no usage statistics, OpenMP core binding on CPU. Its engine
+    processes are started after this is applied, so they inherit it."""
+    return {**NO_TELEMETRY_ENV, "VLLM_CPU_OMP_THREADS_BIND": omp_threads_bind(vcfg.omp_threads_bind)}
 
 
 def engine_kwargs(model_dir: str | Path, vcfg: VllmConfig, lora_targets: Sequence[str], max_model_len: int,
@@ -241,7 +247,7 @@ class VllmGenerator:
             return [d async for d in self.stream(prompts[i], params[i], adapters[i], row=i)]
 
         rows = await asyncio.gather(*(run(i) for i in range(len(prompts))))
-        return collect(iter([d for deltas in rows for d in deltas]), prompts)
+        return completions_from_deltas(iter([d for deltas in rows for d in deltas]), prompts)
 
 
 def load_embedding_table(model_dir: str | Path) -> torch.nn.Embedding:

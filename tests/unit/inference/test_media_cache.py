@@ -18,7 +18,7 @@ def test_get_counts_hits_and_misses_and_returns_what_was_put():
     assert cache.get("a") is None
     cache.put("a", "transcript", 100)
     assert cache.get("a") == "transcript"
-    assert (cache.stats.hits, cache.stats.misses, cache.stats.entries, cache.stats.bytes) == (1, 1, 1, 100)
+    assert (cache.stats.hits, cache.stats.misses, cache.stats.entries, cache.stats.size) == (1, 1, 1, 100)
 
 
 def test_the_least_recently_used_entry_goes_first_and_the_bound_holds():
@@ -29,7 +29,7 @@ def test_the_least_recently_used_entry_goes_first_and_the_bound_holds():
     cache.put("d", "D", 100)
     assert cache.get("b") is None
     assert [cache.get(k) for k in "acd"] == ["A", "C", "D"]
-    assert cache.stats.evictions == 1 and cache.stats.bytes == 300 and cache.stats.entries == 3
+    assert cache.stats.evictions == 1 and cache.stats.size == 300 and cache.stats.entries == 3
 
 
 def test_replacing_a_key_counts_its_bytes_once():
@@ -37,7 +37,7 @@ def test_replacing_a_key_counts_its_bytes_once():
     cache.put("a", 1, 200)
     cache.put("a", 2, 250)
     assert cache.get("a") == 2
-    assert cache.stats.bytes == 250 and cache.stats.entries == 1 and cache.stats.evictions == 0
+    assert cache.stats.size == 250 and cache.stats.entries == 1 and cache.stats.evictions == 0
 
 
 def test_a_value_larger_than_the_bound_is_not_stored_and_evicts_nothing():
@@ -79,3 +79,11 @@ def test_image_keys_follow_the_pixels_and_the_run():
 
 def test_array_size_counts_the_array_bytes():
     assert array_size(np.zeros((49, 576), np.float32)) >= 49 * 576 * 4
+
+
+def test_counters_report_what_a_replica_exports():
+    cache = MediaCache(max_bytes=150)
+    cache.put("a", "A", 100)
+    cache.put("b", "B", 100)
+    assert cache.get("a") is None and cache.get("b") == "B"
+    assert cache.counters() == {"hits": 1, "misses": 1, "evictions": 1, "entries": 1, "bytes": 100}

@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # local_handles, next to this file
 
 from local_handles import LocalHandle  # noqa: E402
-from serve_app.deployments import LanguageModel, Speech, Vision  # noqa: E402
 from serve_app.ingress import Ingress, supplied_key  # noqa: E402
+from serve_app.language_model import LanguageModel  # noqa: E402
 from serve_app.settings import AppSettings, ingress_settings  # noqa: E402
+from serve_app.speech import Speech  # noqa: E402
+from serve_app.vision import Vision  # noqa: E402
 
 ASK = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 6}
 

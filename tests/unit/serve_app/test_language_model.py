@@ -1,5 +1,5 @@
-"""The plain deployment classes, no Ray: batched decoding equals one-at-a-time, a caller leaving cancels only its
-row, image embeddings match the engine (also after the ingress shrinks a large image), speech transcribes."""
+"""The LanguageModel as a plain class, no Ray: batched decoding equals one-at-a-time, a caller leaving cancels only
+its row, rows of different runs share a batch, and the test suite's SteadyGenerator stands in when asked."""
 
 import asyncio
 import copy
@@ -8,28 +8,21 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app lives at the repo root
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app and tests/support live at the repo root
 
-from serve_app.deployments import BatchRow, LanguageModel, Speech, SteadyGenerator, Vision  # noqa: E402
-from serve_app.ingress import shrink_image  # noqa: E402
+from serve_app.language_model import BatchRow, LanguageModel  # noqa: E402
+from serve_app.registry import run_bundle  # noqa: E402
+from tests.support.steady_generator import SteadyGenerator  # noqa: E402
 from trimodal.inference.engine import Delta  # noqa: E402
-from trimodal.inference.requests import GenerationRequest, RunBundle, SamplingParams  # noqa: E402
+from trimodal.inference.requests import GenerationRequest, SamplingParams  # noqa: E402
 from trimodal.models.chat import IMAGE_MARKER, Turn  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def lm(test_cfg):
     return LanguageModel(test_cfg, None)
-
-
-@pytest.fixture(scope="module")
-def vision(test_cfg):
-    return Vision(test_cfg, None, test_cfg.model.language_model.random_shape.hidden_size)
 
 
 def _request(text: str, max_tokens: int = 12, embeds=()) -> GenerationRequest:
@@ -157,33 +150,6 @@ def test_closing_the_stream_cancels_the_row(lm):
     assert _answer(items) == ("x" * 200, "length") and scripted.stats()["cancelled"] == 1
 
 
-def test_images_become_lm_space_embeddings_matching_the_engine(vision, test_cfg):
-    img = Image.new("RGB", (64, 64), (200, 30, 30))
-    embed = asyncio.run(vision.encode(img))
-    assert embed.dtype == np.float32
-    assert embed.shape == (vision.describe()["num_patches"], test_cfg.model.language_model.random_shape.hidden_size)
-    direct = vision.image_encoder([img])[0].numpy()
-    np.testing.assert_allclose(embed, direct, atol=1e-6)
-    info = vision.describe()
-    assert info["projector_trained"] is False and info["vision_tower_untrained"] is True
-
-
-def test_shrinking_a_large_image_keeps_its_embeddings(vision):
-    rng = np.random.default_rng(0)
-    big = Image.fromarray(rng.integers(0, 255, (700, 1000, 3), dtype=np.uint8))
-    small = shrink_image(big, vision.describe()["image_size"])
-    assert min(small.size) == 64 and shrink_image(small, 64) is small
-    torch.testing.assert_close(vision.image_encoder([small]), vision.image_encoder([big]))
-
-
-def test_speech_transcribes_a_batch_and_silence_is_empty(test_cfg):
-    speech = Speech(test_cfg)
-    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
-    texts = asyncio.run(speech.transcribe_batch([np.zeros(16000, np.float32), tone]))
-    assert texts[0] == "" and isinstance(texts[1], str)
-    assert asyncio.run(speech.transcribe(np.zeros(8000, np.float32))) == ""
-
-
 def test_the_steady_generator_answers_max_tokens_whatever_the_model_and_stops_when_cancelled(test_cfg):
     steady = LanguageModel(test_cfg, None, test_token_delay_s=1e-6)
     assert isinstance(steady.generator, SteadyGenerator)
@@ -197,42 +163,9 @@ def test_the_steady_generator_answers_max_tokens_whatever_the_model_and_stops_wh
         steady.prepare(_request("x" * 2000))
 
 
-def test_speech_answers_a_resent_clip_from_its_cache_with_the_same_transcript(test_cfg):
-    speech = Speech(test_cfg)
-    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
-    other = (0.3 * np.sin(2 * np.pi * 660 * np.arange(16000) / 16000)).astype(np.float32)
-    first = asyncio.run(speech.transcribe_batch([tone]))
-    again = asyncio.run(speech.transcribe_batch([other, tone.copy()]))  # one miss, one hit, in one batch
-    assert again[1] == first[0]
-    assert speech.stats()["hits"] == 1 and speech.stats()["misses"] == 2
-    assert speech.metrics.tallies["encoded"] == 2  # Whisper ran for the first clip and the new one only
-
-
-def test_speech_with_the_cache_off_runs_whisper_every_time(test_cfg, monkeypatch):
-    """...and does not hash the clips (a key nobody looks up is wasted work: SHA-256 over up to 2 MB a clip)."""
-    import serve_app.deployments
-
-    def no_key(audio):
-        raise AssertionError("a cache key was computed with the cache off")
-
-    monkeypatch.setattr(serve_app.deployments, "audio_key", no_key)
-    cfg = copy.deepcopy(test_cfg)
-    cfg.serving.media_cache_mb = 0
-    speech = Speech(cfg)
-    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
-    for _ in range(2):
-        asyncio.run(speech.transcribe(tone))
-    assert speech.stats()["hits"] == 0 and speech.metrics.tallies["encoded"] == 2
-    assert speech.stats()["entries"] == 0
-
-
-def _bundle(final: Path, name: str) -> RunBundle:
-    return RunBundle(name, str(final), str(final / "adapter"), (final / "run.json").stat().st_mtime_ns)
-
-
 def test_rows_of_different_runs_share_a_batch_and_each_answers_as_alone(test_cfg, tmp_path, make_run):
     lm = LanguageModel(test_cfg, None)
-    one, two = (_bundle(make_run(tmp_path, name, seed), name) for name, seed in (("one", 1), ("two", 2)))
+    one, two = (run_bundle(make_run(tmp_path, name, seed), name) for name, seed in (("one", 1), ("two", 2)))
     requests = [dataclasses.replace(_request(q, 16), run=run)
                 for q, run in (("hello", None), ("hello", one), ("hello", two), ("a", one))]
     alone = [_answer(asyncio.run(_collect(lm.generate(r)))) for r in requests]
@@ -241,31 +174,3 @@ def test_rows_of_different_runs_share_a_batch_and_each_answers_as_alone(test_cfg
     assert list(zip(texts, reasons)) == alone
     assert len({alone[0], alone[1], alone[2]}) == 3  # the control: base, one and two answer differently
     assert lm.stats()["adapters_loaded"] == 2
-
-
-def test_vision_encodes_with_each_runs_projector_grouped_per_run(test_cfg, tmp_path, make_run):
-    from trimodal.config import load_config
-
-    cfg = load_config("test", {"serving.max_loaded_runs": 2})
-    one, two = (_bundle(make_run(tmp_path, name, seed, adapter=False), name) for name, seed in (("one", 1), ("two", 2)))
-    vision = Vision(cfg, None, cfg.model.language_model.random_shape.hidden_size)
-    images = [Image.new("RGB", (64, 64), color) for color in ("red", "green", "blue", "white")]
-    runs = [None, one, two, one]
-    mixed = asyncio.run(vision.encode_batch(images, runs))
-    alone = [asyncio.run(vision.encode(image, run)) for image, run in zip(images, runs)]
-    assert all(np.allclose(m, a, atol=1e-5) for m, a in zip(mixed, alone))
-    same_image = [asyncio.run(vision.encode(images[0], run)) for run in (None, one, two)]
-    assert not np.allclose(same_image[0], same_image[1]) and not np.allclose(same_image[1], same_image[2])
-    assert len(vision.encoders) == 2  # the least recently used encoder (the base model's) went
-
-
-def test_vision_answers_a_resent_image_from_its_cache_per_run(test_cfg, tmp_path, make_run):
-    vision = Vision(test_cfg, None, test_cfg.model.language_model.random_shape.hidden_size)
-    one = _bundle(make_run(tmp_path, "one", 1, adapter=False), "one")
-    image = Image.new("RGB", (64, 64), "red")
-    first = asyncio.run(vision.encode(image))
-    again, other_run = asyncio.run(vision.encode_batch([image.copy(), image], [None, one]))
-    assert np.array_equal(again, first)  # a hit gives exactly what the encoder gave
-    assert not np.allclose(other_run, first)  # another run's projector is a miss, not the base model's entry
-    assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 2
-    assert vision.metrics.tallies["encoded"] == 2
