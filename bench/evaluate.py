@@ -1,16 +1,16 @@
-"""Evaluation benchmark: answering a run's held-out questions and captions the old way and the new, one table.
+"""Evaluation benchmark: a run's held-out questions and captions answered by two baseline loops and by the job's.
 
   old b=1   one prompt at a time: prefill, then KV-cache steps until EOS (the one-at-a-time loop)
   old b=16  16 prompts in their original order, left padded; every row is stepped until the batch's longest answer
-            ends, and the image is projected once per prompt (`jobs/evaluate.py` before batching.py)
-  new       `jobs/evaluate.py` now: the prompts of a conversation prefilled once as a chain, chains batched in order
-            of length, finished rows dropped from the batch and its KV cache, each image projected once
+            ends, and the image is projected once per prompt
+  new       what `jobs/evaluate.py` runs: the prompts of a conversation prefilled once as a chain, chains batched in
+            order of length, finished rows dropped from the batch and its KV cache, each image projected once
 
 Every way answers the same prompts (captions, then every assistant turn of the conversations) greedily; the table
 gives each way's wall and CPU seconds (CPU time is the steadier measure on a shared machine; with --threads 1 it is
 the work done), each over old b=16's, and how many answers differ from old b=1's (one at a time).
 
-    python bench/evaluate.py --run runs/demo/finetune --data runs/demo/data              # 200 images, minutes
+    python bench/evaluate.py --run runs/demo/finetune --data runs/demo/data              # every held-out image
     python bench/evaluate.py --run RUN --data DATA --limit 20 --ways "old b=16,new"      # a quick look
 """
 
@@ -35,7 +35,7 @@ WAYS = ("old b=1", "old b=16", "new")
 
 @torch.no_grad()
 def old_decode(lm, prompts: list[torch.Tensor], max_tokens: int, eos_ids: set[int]) -> list[list[int]]:
-    """The old loop: every row of the batch is stepped until the last row ends."""
+    """The baseline loop: every row of the batch is stepped until the last row ends."""
     embeds, mask, positions = left_pad(prompts)
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     tokens: list[list[int]] = [[] for _ in prompts]
@@ -58,7 +58,7 @@ def old_decode(lm, prompts: list[torch.Tensor], max_tokens: int, eos_ids: set[in
 
 @torch.no_grad()
 def old_answers(gen, projector, embeddings, jobs, num_patches: int, batch: int) -> list[str]:
-    """Answers the old way: captions, then questions, `batch` prompts at a time in their original order, one
+    """Answers the baseline way: captions, then questions, `batch` prompts at a time in their original order, one
     projector call per prompt."""
     answers = []
     for start in range(0, len(jobs), batch):

@@ -4,7 +4,7 @@ Each row builds the stage's real model (stage 2: 4-bit NF4 LM + LoRA + projector
 batches shaped like the shapes set's (8 rows; stage 1: 49 image positions + 28 caption tokens = 77, stage 2:
 49 + 92 conversation tokens = 141; random image features, answers as targets). Rows add one change at a time:
 
-  sdpa fp32        attention through torch's sdpa kernel, float32 matmuls, LoRA dropout 0.05 (the old `cpu`)
+  sdpa fp32        attention through torch's sdpa kernel, float32 matmuls, LoRA dropout 0.05 (the baseline)
   + bf16 autocast  bfloat16 autocast (native on CPUs with AMX / AVX512-BF16 and on GPUs; emulated elsewhere)
   + eager          the plain-matmul attention kernel instead of sdpa
   + no dropout     LoRA dropout 0 (stage 2 only: PyTorch draws dropout masks slowly on CPU)

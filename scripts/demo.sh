@@ -3,7 +3,7 @@
 # shapes set -> stage 0 (tiny CLIP) -> preprocess -> stage 1 -> stage 2 -> evaluate -> Ray Serve -> 3 questions.
 # Idempotent and resumable: finished steps are skipped, interrupted training resumes from its last checkpoint.
 #
-#   make demo                                                  # the `cpu` preset and its schedule (~25 min)
+#   make demo                                                  # the `cpu` preset and its schedule (README: how long)
 #   PRESET=test STEPS0=2 STEPS1=2 STEPS2=2 make demo           # tiny random models: a smoke test in minutes
 #   make demo-stop   (bash scripts/demo.sh stop)               # stop the server and the head
 #

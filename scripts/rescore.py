@@ -1,4 +1,4 @@
-"""Re-score a past evaluation with the scorer before issue 17 (lenient) and the strict one, side by side.
+"""Re-score an evaluation with the lenient rule (contains the expected word) and the strict one, side by side.
 
     python scripts/rescore.py runs/demo/finetune/predictions.jsonl [--json]
 

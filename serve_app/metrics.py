@@ -5,7 +5,8 @@ Ray exports them with the cluster's own metrics (each node's metrics agent, the 
 deployment, replica and application. Outside a Serve replica (the plain classes in unit tests) recording is a
 no-op for Ray, and every object also keeps its own tallies, which `stats()` and the tests read.
 
-`METRICS` lists every name, its type and what it measures: README and docs/cluster.md print it for dashboards.
+`METRICS` lists every name, its type and what it measures: docs/serving.md prints the table for dashboards, the
+README and docs/cluster.md the names.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad-input sweep: about 100 distinct malformed or hostile requests against the chat API, one at a time.
+"""Bad-input sweep: over a hundred malformed or hostile requests against the chat API, one at a time.
 
 Starts the serving graph with the `test` preset on a free port, with remote image URLs allowed from a list of
 loopback, private and metadata addresses (so the public-address check is what has to refuse them), or targets a

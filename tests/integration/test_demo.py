@@ -4,8 +4,8 @@ Ray ports and temp dir; then the stop command. Also the demo's own first-contact
 a second demo while one runs, and a stop when nothing runs.
 
 While the demo serves, every listening socket of its processes must be on loopback, except the one Ray cannot be
-told to bind elsewhere (README, "Ports"): each Serve replica's inter-deployment gRPC server, which Ray 2.60 binds to
-all interfaces and guards with the cluster token.
+told to bind elsewhere (docs/troubleshooting.md, "Ports"): each Serve replica's inter-deployment gRPC server, which
+Ray 2.60 binds to all interfaces and guards with the cluster token.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def _check_steps_and_answers(out: str, env: dict[str, str]) -> None:
 
 
 def _listeners(env: dict[str, str]) -> list[tuple[str, int, str]]:
-    """`local_head.py listeners --check-loopback`, as the README tells a user to run it; its rows, parsed."""
+    """`local_head.py listeners --check-loopback` as docs/troubleshooting.md tells a user to run it; its rows."""
     result = subprocess.run([sys.executable, "scripts/local_head.py", "listeners", "--check-loopback", "--port",
                              env["RAY_PORT"], "--serve-pid-file", str(Path(env["RUNS"]) / "serve.pid")], cwd=ROOT,
                             env=env, capture_output=True, text=True, timeout=60)
@@ -175,7 +175,7 @@ def _post(env: dict[str, str], body: dict) -> int:
 
 def _check_metrics(env: dict[str, str]) -> None:
     """After a refused request and an image + spoken question asked twice (the second from the media caches), the
-    head's Prometheus export (the port the README says to scrape) has every trimodal metric, with values that
+    head's Prometheus export (the port docs/serving.md says to scrape) has every trimodal metric, with values that
     fit what was sent."""
     from PIL import Image
 

@@ -1,7 +1,7 @@
-"""Audio decoding and resampling: formats, limits, mono mixing, and the soxr resampler against the previous one.
+"""Audio decoding and resampling: formats, limits, mono mixing, and the soxr resampler against a reference one.
 
-`previous_resample` below is a verbatim copy of the hand-written Kaiser-windowed sinc resampler this module used
-before it resampled through libsoxr; the two agree within 40 dB SNR wherever both filters are flat (see
+`previous_resample` below is a hand-written Kaiser-windowed sinc resampler kept as an independent reference for
+libsoxr's: the two agree within 40 dB SNR wherever both filters are flat (see
 `test_soxr_matches_the_previous_resampler`). `python bench/resample.py` times the two.
 """
 
