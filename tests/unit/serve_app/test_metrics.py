@@ -1,5 +1,5 @@
-"""The metric list: every metric the service records is documented where operators look (README, cluster guide),
-names are valid Prometheus names, and refusals map to the reasons the docs give."""
+"""The metric list: every metric the service records is documented where operators look (README, the serving and
+cluster guides), names are valid Prometheus names, and refusals map to the reasons the docs give."""
 
 import re
 import sys
@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))  # serve_app lives at the repo root
 from serve_app.metrics import METRICS, RequestTimings, rejection_reason  # noqa: E402
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/cluster.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/cluster.md", "docs/serving.md"])
 def test_every_metric_is_listed_in_the_docs_under_its_exported_name(doc):
     text = (ROOT / doc).read_text()
     for name, (kind, _) in METRICS.items():
