@@ -116,12 +116,15 @@ def run_one(args: argparse.Namespace) -> None:
 
 
 def run_all(args: argparse.Namespace) -> None:
+    from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
+
+    env = {**os.environ, **NO_TELEMETRY_ENV, "PYTHONPATH": str(ROOT)}  # each engine's process: no usage statistics
     rows = []
     for engine in args.engines.split(","):
         python = sys.executable if engine == "builtin" else str(VLLM_PYTHON)
         cmd = [python, __file__, "--one", engine, "--preset", args.preset, "--requests", str(args.requests),
                "--max-tokens", str(args.max_tokens)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(f"[lm_engines] {engine} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)

@@ -93,10 +93,14 @@ async def conversation(url: str, png: bytes, wav: bytes, max_tokens: int) -> lis
 
 
 def start_serve() -> str:
-    """A private local Ray and Serve on a free loopback port; its base URL."""
+    """A private local Ray and Serve on a free loopback port (no usage statistics from anything Ray starts); its
+    base URL."""
     import ray
     from ray import serve
 
+    from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
+
+    os.environ.update(NO_TELEMETRY_ENV)  # Ray's processes inherit the driver's environment
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -174,8 +174,12 @@ def seed_at(service: list[tuple[float, int]], concurrency: int) -> tuple[list[Sa
 # -- (a) the Serve graph over HTTP ------------------------------------------------------------------------------
 
 def start_ray() -> None:
+    """A private local Ray; it and everything it starts (replicas, vLLM) send no usage statistics."""
     import ray
 
+    from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
+
+    os.environ.update(NO_TELEMETRY_ENV)  # Ray's processes inherit the driver's environment
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
 
 

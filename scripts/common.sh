@@ -10,8 +10,10 @@
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export PATH="$ROOT/.venv/bin:$PATH"
 # Token authentication on; Ray's single-node switch, so the head and everything it starts listen on 127.0.0.1 only
-# (see scripts/local_head.py); no usage report.
+# (see scripts/local_head.py); no usage report from Ray, vLLM or Hugging Face (trimodal.inference.vllm_engine's
+# NO_TELEMETRY_ENV): the head, its jobs and replicas, and `serve run` inherit these.
 export RAY_AUTH_MODE=token RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+export VLLM_NO_USAGE_STATS=1 DO_NOT_TRACK=1 HF_HUB_DISABLE_TELEMETRY=1
 PRESET=${PRESET:-cpu}
 RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}

@@ -29,8 +29,11 @@ from pathlib import Path
 import psutil
 
 RAY = Path(sys.executable).with_name("ray")
-HEAD_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-"""Token auth on, loopback only, no usage report: for the head and everything started from this shell."""
+HEAD_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
+            "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+"""Token auth on, loopback only, no usage report from Ray, vLLM or Hugging Face (trimodal.inference.vllm_engine's
+NO_TELEMETRY_ENV, written out: importing it would load torch): for the head, and so for every job and replica it
+runs, and for everything started from this shell."""
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 ALL_INTERFACES_BY_RAY = "ray::ServeReplica:"
 """The one listener Ray cannot be told to keep on loopback: each Serve replica's inter-deployment gRPC server (Ray

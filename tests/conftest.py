@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny in-process models from the `test` preset (no downloads), and marker handling."""
+"""Shared fixtures: tiny in-process models from the `test` preset (no downloads), and marker handling.
+
+Under CI (the CI environment variable set, as `.ci/run` does) every test runs: a test that would skip because
+something it needs is missing (the vllm environment, chromium, espeak-ng, ...) fails instead, with the skip's one
+line saying what to install. Only gpu-marked tests still skip without CUDA: CI has no GPU by design.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -18,6 +25,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # the node IP loopback (without it, Ray resolves 127.0.0.1 to the machine's address and binds GCS/raylet to it).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# No vLLM usage statistics and no Hugging Face telemetry from the suite or anything it starts (Ray, vllm_side.py).
+os.environ.update(NO_TELEMETRY_ENV)
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
@@ -25,10 +34,41 @@ JOBS = Path(__file__).resolve().parents[1] / "jobs"
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU: none is visible (CI has none by design; run `pytest -m gpu` "
+                                   "on a GPU node)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def skips_fail(item: pytest.Item) -> bool:
+    """Whether a skip of this test is a failure: under CI (CI set, and not to false/0/no), for every test but a gpu
+    one."""
+    in_ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return in_ci and item.get_closest_marker("gpu") is None
+
+
+def _fail_instead_of_skip(item: pytest.Item):
+    """Run the wrapped phase; under CI a skip becomes a failure whose one line is the skip's reason."""
+    try:
+        return (yield)
+    except pytest.skip.Exception as skipped:
+        if not skips_fail(item):
+            raise
+        reason = skipped.msg
+    pytest.fail(f"{reason} (CI is set, so this fails instead of skipping)", pytrace=False)  # outside: no chained skip
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """Skips from markers (skipif) and fixtures (a missing environment) happen here."""
+    return (yield from _fail_instead_of_skip(item))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Skips from the test body (pytest.skip, importorskip) happen here."""
+    return (yield from _fail_instead_of_skip(item))
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -46,12 +86,18 @@ def pytest_sessionfinish(session, exitstatus):
         print(f"\n[conftest] non-daemon threads alive at the end of the session: {alive}", file=sys.stderr)
 
 
-def require_binary(name: str, package: str | None = None) -> str:
-    """Skip the calling test with a message naming the Debian package when a program is missing."""
+def find_binary(name: str, package: str | None = None) -> str:
+    """A program's path; when it is missing, skip (fail under CI) with one line naming the Debian package."""
     path = shutil.which(name)
     if path is None:
         pytest.skip(f"needs `{name}` (Debian package {package or name}: apt-get install {package or name})")
     return path
+
+
+@pytest.fixture(scope="session")
+def require_binary():
+    """`require_binary("chromium")`: find_binary for a test (the program's path, or skip / fail under CI)."""
+    return find_binary
 
 
 @pytest.fixture(scope="session")

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # serve_app lives at the repo root (Ray workers inherit the driver's sys.path)
@@ -25,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Like the test suite (tests/conftest.py): no usage report, and Ray's single-node switch (loopback node IP).
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.update(NO_TELEMETRY_ENV)  # no vLLM usage statistics, no Hugging Face telemetry, in anything Ray starts
 
 
 def free_port() -> int:

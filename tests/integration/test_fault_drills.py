@@ -90,6 +90,9 @@ def test_a_killed_lm_replica_is_503_while_serve_replaces_it_and_retrying_clients
         assert phase.retry_after <= {"1"}
     assert first.failures["503"] >= 1 and "1" in first.retry_after, first.failures  # the kill was seen: 503s
     assert set(first.failures) == {"503"}, first.failures  # never a 500
+    # Phase 2's clients retry for a budget scaled from phase 1's replacement time: they met the kill's 503s, and
+    # every request still succeeded, however slow the machine.
+    assert second.retry_budget_s >= first.chat_s and second.attempts["503"] >= 1 and second.retried >= 1
     assert second.sent > 0 and second.ok == second.sent and not second.failures
 
 

@@ -1,4 +1,4 @@
-"""A token-authenticated Ray head refuses job submissions without the token (secure defaults: README 'Training pipeline', docs/cluster.md).
+"""A token-authenticated Ray head refuses job submissions without the token (secure defaults: docs/cluster.md).
 
 Starts its own head exactly as `make demo` and `make jobs` do (`scripts/local_head.py start`: it creates the token
 when missing, owner-only, and starts `ray start --head` with token auth on and every port on 127.0.0.1), with a fresh
@@ -19,7 +19,8 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -102,6 +103,8 @@ class Head:
     """The token."""
     outsider_home: Path
     """An empty HOME: no token anywhere."""
+    submissions: list[str] = field(default_factory=list)
+    """The submission ids `submit` has used on this head, refused or not (other tests' jobs are not among them)."""
 
     @property
     def dashboard(self) -> str:
@@ -111,9 +114,6 @@ class Head:
 
 @pytest.fixture(scope="module")
 def token_head():
-    if not RAY.exists():
-        pytest.skip(f"the ray CLI is not installed next to {sys.executable}")
-    pytest.importorskip("psutil")
     root = Path(tempfile.mkdtemp(prefix="rtok", dir="/tmp"))
     home, outsider = root / "home", root / "outsider"
     home.mkdir()
@@ -156,9 +156,13 @@ def stop_default_head(gcs: int) -> int:
     return left
 
 
-def submit(head: Head, home: Path, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(RAY), "job", "submit", "--address", head.dashboard, "--", "echo", "hi"],
-                          env=clean_env(home, **env), cwd=home, capture_output=True, text=True, timeout=180)
+def submit(head: Head, home: Path, **env: str) -> tuple[str, subprocess.CompletedProcess]:
+    """(its submission id, the outcome) of `ray job submit -- echo hi` under a submission id of its own."""
+    submission = f"auth-test-{uuid.uuid4().hex[:12]}"
+    head.submissions.append(submission)
+    return submission, subprocess.run([str(RAY), "job", "submit", "--address", head.dashboard, "--submission-id",
+                                       submission, "--", "echo", "hi"], env=clean_env(home, **env), cwd=home,
+                                      capture_output=True, text=True, timeout=180)
 
 
 def http_status(url: str, token: str | None = None) -> int:
@@ -181,14 +185,16 @@ def test_submission_without_the_token_is_refused(token_head, client):
     env = {"auth-disabled": {"RAY_AUTH_MODE": "disabled"},
            "auth-on-no-token": {"RAY_AUTH_MODE": "token"},
            "wrong-token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}}[client]
-    result = submit(token_head, token_head.outsider_home, **env)
+    _, result = submit(token_head, token_head.outsider_home, **env)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "AuthenticationError" in output or "Unauthorized" in output, output[-2000:]
 
 
 def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
-    result = submit(token_head, token_head.home, RAY_AUTH_MODE="token")
+    """Of the submissions this module made (other tests submit jobs to this head too), only the authenticated one
+    became a job."""
+    submission, result = submit(token_head, token_head.home, RAY_AUTH_MODE="token")
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "succeeded" in result.stdout + result.stderr
     listed = subprocess.run([str(RAY), "job", "list", "--address", token_head.dashboard],
@@ -199,8 +205,9 @@ def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
                                      headers={"Authorization": f"Bearer {token_head.token}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         jobs = json.loads(response.read())
-    assert len(jobs) == 1, f"only the authenticated submission may exist, found {len(jobs)} jobs"
-    assert jobs[0]["entrypoint"] == "echo hi" and jobs[0]["status"] == "SUCCEEDED"
+    ours = [job for job in jobs if job["submission_id"] in token_head.submissions]
+    assert [job["submission_id"] for job in ours] == [submission], f"only the authenticated one may exist: {ours}"
+    assert ours[0]["entrypoint"] == "echo hi" and ours[0]["status"] == "SUCCEEDED"
 
 
 

@@ -17,7 +17,6 @@ import base64
 import io
 import json
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -154,8 +153,7 @@ def text_part(text: str) -> dict:
 
 
 def spoken_question() -> bytes:
-    path = DATA / "what_color.wav"
-    return path.read_bytes() if path.exists() else wav(2.0)
+    return (DATA / "what_color.wav").read_bytes()
 
 
 # -- the openai client ----------------------------------------------------------------------------------------
@@ -203,8 +201,6 @@ def test_image_and_spoken_question(client):
 @pytest.mark.parametrize("name", ["fox.flac", "fox.ogg", "fox.mp3"])
 def test_audio_formats(server, name):
     path = DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} is missing")
     resp = server.ask([audio_part(path.read_bytes(), path.suffix[1:]), text_part("Repeat it.")], max_tokens=2)
     assert resp.status_code == 200, resp.text
 
@@ -492,10 +488,8 @@ def record_and_ask(browser: Chromium) -> dict:
                         "?.textContent || ''})")
 
 
-def test_web_page_in_headless_chromium(server, tmp_path):
-    executable = shutil.which("chromium")
-    if executable is None:
-        pytest.skip("needs `chromium` (Debian package chromium: apt-get install chromium)")
+def test_web_page_in_headless_chromium(server, tmp_path, require_binary):
+    executable = require_binary("chromium")
     image = tmp_path / "red-square.png"
     image.write_bytes(png())
     browser = Chromium(executable, tmp_path / "profile")

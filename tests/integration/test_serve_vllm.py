@@ -4,7 +4,9 @@ base model, each answer compared with the builtin engine's in this process (gree
 
 The LanguageModel replica runs in `.venv-vllm` (runtime_env py_executable; make install-vllm, which CI runs). The
 model is the `test` preset's tiny Llama with 2 heads (vLLM's CPU attention needs a head size of at least 32). Ray's
-Prometheus export is scraped at the end: vLLM's own engine metrics from the replica sit beside trimodal's.
+Prometheus export is scraped at the end: vLLM's own engine metrics from the replica sit beside trimodal's. Ray here
+starts without the suite's telemetry settings, so the replica (and vLLM's engine process under it) has usage
+statistics off only if the project's own settings for it do so.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from trimodal.inference.vllm_engine import NO_TELEMETRY_ENV
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -69,6 +73,8 @@ def server(tmp_path_factory, runs_dir, monkeypatch_module):
     tmp = tmp_path_factory.mktemp("vllm-serve")
     monkeypatch_module.setenv("VLLM_CACHE_ROOT", str(tmp / "vllm-cache"))  # the replica inherits these
     monkeypatch_module.setenv("TRIMODAL_CACHE", str(tmp / "trimodal-cache"))
+    for name in NO_TELEMETRY_ENV:  # Ray inherits this environment: the replica must not owe its settings to it
+        monkeypatch_module.delenv(name, raising=False)
     if ray.is_initialized():
         ray.shutdown()
     metrics_port = _free_port()
@@ -119,6 +125,44 @@ def test_the_replica_runs_the_vllm_engine(server, client):
     info = serve.get_deployment_handle("LanguageModel", app_name="main").describe.remote().result()
     assert info["engine"] == "vllm" and info["dtype"] == "float32"
     assert [m.id for m in client.models.list().data] == [MODEL, MODEL + "/base", "one", "two"]
+
+
+def lm_replica():
+    """The LanguageModel replica's Ray actor (Serve names it SERVE_REPLICA::main#LanguageModel#<id>)."""
+    import ray
+
+    names = [(a["name"], a["namespace"]) for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["name"].startswith("SERVE_REPLICA::main#LanguageModel#")]
+    assert len(names) == 1, names
+    return ray.get_actor(names[0][0], namespace=names[0][1])
+
+
+def test_the_replica_and_its_engine_process_send_no_usage_statistics(server):
+    """Read from inside the running replica (Ray's `__ray_call__` runs a function in an actor's process, so the
+    deployment needs no method for it): its environment, the environment of each process under it (vLLM's engine
+    core, started from it), and vLLM's own verdict, usage_lib.is_usage_stats_enabled()."""
+    import ray
+
+    def inside(_replica, names: list[str]) -> dict:
+        import os
+
+        import psutil
+        from vllm.usage.usage_lib import is_usage_stats_enabled
+
+        children = {}
+        for child in psutil.Process().children(recursive=True):
+            try:
+                children[f"{child.pid} {child.name()}"] = {n: child.environ().get(n) for n in names}
+            except psutil.NoSuchProcess:
+                continue
+        return {"replica": {n: os.environ.get(n) for n in names}, "children": children,
+                "usage_stats_enabled": is_usage_stats_enabled()}
+
+    seen = ray.get(lm_replica().__ray_call__.remote(inside, sorted(NO_TELEMETRY_ENV)), timeout=120)
+    assert seen["replica"] == NO_TELEMETRY_ENV, seen
+    assert seen["children"], "vLLM's engine core runs in a process under the replica"
+    assert all(env == NO_TELEMETRY_ENV for env in seen["children"].values()), seen["children"]
+    assert seen["usage_stats_enabled"] is False
 
 
 def test_text_matches_the_builtin_engine(client, builtin):
