@@ -15,10 +15,11 @@ from trimodal.data.shapes.dataset import write_shapes_dataset
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--preset", default="cpu",
-                       help=f"preset whose data sizes are the defaults ({', '.join(preset_names())}); default cpu")
-    which.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
+    config_choice = parser.add_mutually_exclusive_group()
+    config_choice.add_argument("--preset", default="cpu",
+                               help=f"preset whose data sizes are the defaults ({', '.join(preset_names())}); "
+                                    "default cpu")
+    config_choice.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
     parser.add_argument("--out", required=True, help="output directory (created; re-running is idempotent)")
     parser.add_argument("--train", type=int, default=None, help="training images (default: the preset's)")
     parser.add_argument("--val", type=int, default=None, help="held-out images (default: the preset's)")

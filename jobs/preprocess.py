@@ -28,9 +28,10 @@ from trimodal.data.preprocess import (PipelineOptions, PreprocessError, build_pl
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    which = p.add_mutually_exclusive_group()
-    which.add_argument("--preset", default="cpu", help=f"preset name ({', '.join(preset_names())}); default cpu")
-    which.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
+    config_choice = p.add_mutually_exclusive_group()
+    config_choice.add_argument("--preset", default="cpu",
+                               help=f"preset name ({', '.join(preset_names())}); default cpu")
+    config_choice.add_argument("--config", default=None, help="a preset YAML file instead of --preset")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set model.vision.image_size=224 (repeatable)")
     p.add_argument("--coco-root", action="append", required=True, metavar="DIR",

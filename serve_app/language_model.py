@@ -63,24 +63,14 @@ class CancelSet(set):
 _END = object()
 
 
-class PromptingModel:
-    """What both LanguageModels answer alike: `describe` from their `info`, `prepare` with their tokenizer."""
-
-    generator: Any
-    """The engine: anything with TextGenerator's `encode` (tokenizer, chat template, prompt limit)."""
-    info: dict
-    """What `describe` reports: the LM's source, adapter, dtype and engine."""
-
-    def describe(self) -> dict:
-        return dict(self.info)
-
-    def prepare(self, request: GenerationRequest) -> Prompt:
-        """Tokenise the turns (ValueError for a prompt over the length limit)."""
-        embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None  # [n, N, H]
-        return tokenize_prompt(self.generator, request.turns, embeds, request.transcripts)
+def request_prompt(generator: Any, request: GenerationRequest) -> Prompt:
+    """A request's turns tokenised by `generator` (either engine: anything with TextGenerator's `encode`, i.e. its
+    tokenizer, chat template and prompt limit); ValueError for a prompt over the length limit."""
+    embeds = torch.from_numpy(np.stack(request.image_embeds)) if request.image_embeds else None  # [n, N, H]
+    return tokenize_prompt(generator, request.turns, embeds, request.transcripts)
 
 
-class LanguageModel(PromptingModel):
+class LanguageModel:
     """The LM + tokenizer: prompts are tokenised per request, then decoded in dynamic batches with a KV cache.
 
     One base LM; each request's run brings its LoRA adapter (`RunAdapters`: loaded on first use, at most
@@ -108,6 +98,14 @@ class LanguageModel(PromptingModel):
         self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
         self.metrics = LanguageModelMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
+
+    def describe(self) -> dict:
+        """The LM's source, whether the default run brings an adapter, the configured dtype, engine "builtin"."""
+        return dict(self.info)
+
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Tokenise the turns (ValueError for a prompt over the length limit)."""
+        return request_prompt(self.generator, request)
 
     def stats(self) -> dict:
         """Counters: prompts received, requests decoded, batches, the largest batch, rows cancelled by their caller,
@@ -236,7 +234,7 @@ def adapter_ref(run: RunBundle | None):
     return AdapterRef(run_label(run), run.adapter)
 
 
-class VllmLanguageModel(PromptingModel):
+class VllmLanguageModel:
     """The LanguageModel on the vllm engine (serving.engine: vllm), with LanguageModel's interface: describe, stats
     and generate streaming the same dicts. vLLM batches continuously, so requests go straight to it (no serve.batch);
     a caller that goes away aborts its request. It runs in the `.venv-vllm` environment (the builder's runtime_env).
@@ -264,6 +262,14 @@ class VllmLanguageModel(PromptingModel):
         self.counters = {"prompts": 0, "requests": 0, "cancelled": 0, "active": 0}
         self.generator.export_metrics_to_ray()  # queue time, running requests, KV cache use: vLLM's own metrics
         self.generator.start()
+
+    def describe(self) -> dict:
+        """The LM's source, whether the default run has an adapter, the dtype vLLM loaded, engine "vllm"."""
+        return dict(self.info)
+
+    def prepare(self, request: GenerationRequest) -> Prompt:
+        """Tokenise the turns with the engine's tokenizer and chat template (ValueError past the prompt limit)."""
+        return request_prompt(self.generator, request)
 
     def stats(self) -> dict:
         """Counters: prompts received, requests decoded, requests cancelled by their caller, requests active."""

@@ -1,5 +1,5 @@
 """What the model deployments share: the thread bound of a replica, model names fit for clients, the server's
-default run, and `CachedEncoder`, the media-cache path of Speech and Vision.
+default run, and `MediaEncoding`, the media-cache path that Speech and Vision each hold.
 
 Each request names its run (`RunBundle`, None for the base model); `run_label` is that run's identity wherever a
 replica keys something by run (cache keys, vLLM adapter names).
@@ -56,10 +56,11 @@ def run_label(run: RunBundle | None) -> str | None:
     return f"{run.directory}@{run.version}" if run is not None else None
 
 
-class CachedEncoder:
-    """The part of Speech and Vision that keeps what they encoded: a per-replica `MediaCache` (bounded by
+class MediaEncoding:
+    """What Speech and Vision each hold to keep what they encoded: a per-replica `MediaCache` (bounded by
     serving.media_cache_mb), so a conversation that resends its audio and image each turn runs Whisper and CLIP
-    once; encoder metrics; one worker thread that encodes, off the event loop."""
+    once; encoder metrics; one worker thread that encodes, off the event loop. A held part, not a base class, so
+    each deployment class keeps its whole interface in its own body."""
 
     def __init__(self, cfg: TrimodalConfig, kind: str):
         self.cache = MediaCache(mb_to_bytes(cfg.serving.media_cache_mb))

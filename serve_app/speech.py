@@ -9,10 +9,10 @@ import numpy as np
 from trimodal.config import TrimodalConfig
 from trimodal.inference.media_cache import audio_key, text_size
 
-from serve_app.replica import CachedEncoder, set_threads, source_label
+from serve_app.replica import MediaEncoding, set_threads, source_label
 
 
-class Speech(CachedEncoder):
+class Speech:
     """Whisper transcription of decoded 16 kHz clips."""
 
     BATCHED = {"transcribe": "transcribe_batch"}
@@ -21,7 +21,7 @@ class Speech(CachedEncoder):
         from trimodal.runs import load_transcriber
 
         set_threads(threads)
-        super().__init__(cfg, "audio")
+        self.encoding = MediaEncoding(cfg, "audio")
         self.source = cfg.model.speech.source
         self.transcriber = load_transcriber(cfg.model.speech, device)
 
@@ -34,7 +34,11 @@ class Speech(CachedEncoder):
         def transcribe(missing: list[int]) -> list[str]:
             return self.transcriber.transcribe_batch([audios[i] for i in missing])
 
-        return await self.through_cache(len(audios), lambda i: audio_key(audios[i]), transcribe, text_size)
+        return await self.encoding.through_cache(len(audios), lambda i: audio_key(audios[i]), transcribe, text_size)
+
+    def stats(self) -> dict:
+        """Cache counters: hits, misses, evictions, entries, bytes."""
+        return self.encoding.stats()
 
     def describe(self) -> dict:
         return {"speech": source_label(self.source)}

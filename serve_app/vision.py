@@ -13,10 +13,10 @@ from trimodal.inference.media_cache import array_size, image_key
 from trimodal.inference.requests import RunBundle
 from trimodal.lru import Lru
 
-from serve_app.replica import CachedEncoder, default_run_bundle, public_name, run_label, set_threads
+from serve_app.replica import MediaEncoding, default_run_bundle, public_name, run_label, set_threads
 
 
-class Vision(CachedEncoder):
+class Vision:
     """Frozen CLIP tower + projector: one PIL image -> LM-space patch embeddings [N, H] (float32 numpy), with the
     tower and projector of the run the request names (the default run's are loaded at start)."""
 
@@ -29,7 +29,7 @@ class Vision(CachedEncoder):
         self.encoders: Lru[tuple[str, int] | None, object] = Lru(cfg.serving.max_loaded_runs)
         """Loaded image encoders by run (None: the base model's), least recently used first."""
         self.image_encoder = self.encoder_for(default_run_bundle(run_dir))
-        super().__init__(cfg, "image")
+        self.encoding = MediaEncoding(cfg, "image")
 
     def encoder_for(self, run: RunBundle | None):
         """The run's tower + projector (loaded on first use; past serving.max_loaded_runs the least recently used
@@ -55,8 +55,8 @@ class Vision(CachedEncoder):
         def encode(missing: list[int]) -> list[np.ndarray]:
             return self._encode([images[i] for i in missing], [runs[i] for i in missing])
 
-        return await self.through_cache(len(images), lambda i: image_key(images[i], run_label(runs[i])), encode,
-                                        array_size)
+        return await self.encoding.through_cache(len(images), lambda i: image_key(images[i], run_label(runs[i])),
+                                                 encode, array_size)
 
     def _encode(self, images: list[Image.Image], runs: list[RunBundle | None]) -> list[np.ndarray]:
         out: list[np.ndarray] = [np.empty(0)] * len(images)
@@ -68,6 +68,10 @@ class Vision(CachedEncoder):
             for i, embed in zip(rows, embeds):
                 out[i] = embed
         return out
+
+    def stats(self) -> dict:
+        """Cache counters: hits, misses, evictions, entries, bytes."""
+        return self.encoding.stats()
 
     def describe(self) -> dict:
         info = self.image_encoder.tower.info

@@ -65,11 +65,11 @@ def _phrasing_patterns() -> tuple[tuple[str, str, re.Pattern], ...]:
     }
     out = []
     for qtype, sets in PHRASINGS.items():
-        for which, templates in sets.items():
+        for phrasing_set, templates in sets.items():
             for template in templates:
                 regex = "".join(re.escape(_spelling(literal)) + (slots[qtype][field] if field else "")
                                 for literal, field, _, _ in string.Formatter().parse(template))
-                out.append((qtype, which, re.compile(regex, re.IGNORECASE)))
+                out.append((qtype, phrasing_set, re.compile(regex, re.IGNORECASE)))
     return tuple(out)
 
 
@@ -82,9 +82,9 @@ def phrasing_of(question: str) -> tuple[str, str] | None:
     """(question type, phrasing set) of a question worded from PHRASINGS (case, runs of white space and colour /
     color ignored); None for any other question."""
     text = _spelling(" ".join(question.split()))
-    for qtype, which, pattern in _phrasing_patterns():
+    for qtype, phrasing_set, pattern in _phrasing_patterns():
         if pattern.fullmatch(text):
-            return qtype, which
+            return qtype, phrasing_set
     return None
 
 

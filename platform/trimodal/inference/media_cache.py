@@ -20,34 +20,50 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from trimodal.lru import Lru
+from trimodal.lru import Lru, LruStats
 
 
-class MediaCache(Lru[str, Any]):
+class MediaCache:
     """A least-recently-used map from content keys to encoded media, holding at most `max_bytes` (each entry
     counted by the size its caller gives: `text_size`, `array_size`).
 
     `max_bytes` 0 turns caching off: every lookup misses and nothing is stored. Used from one event loop (the
-    replica's), so no lock is needed.
+    replica's), so no lock is needed. It holds an `Lru` rather than being one, so what a replica may do with its
+    cache is exactly get, put and the counters.
     """
 
     def __init__(self, max_bytes: int):
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        super().__init__(max_bytes)
+        self.entries: Lru[str, Any] = Lru(max_bytes)
+        """Encoded media by content key, least recently used first, their sizes summing to at most max_bytes."""
 
     @property
     def max_bytes(self) -> int:
         """Upper bound on the summed sizes of the entries held."""
-        return self.capacity
+        return self.entries.capacity
 
     @property
     def enabled(self) -> bool:
-        return self.capacity > 0
+        return self.entries.capacity > 0
+
+    @property
+    def stats(self) -> LruStats:
+        """Hits, misses, evictions, entries and bytes held (`size`)."""
+        return self.entries.stats
+
+    def get(self, key: str) -> Any | None:
+        """The media stored under `key` (now the most recently used), or None; counted as a hit or a miss."""
+        return self.entries.get(key)
+
+    def put(self, key: str, value: Any, size: int) -> None:
+        """Store `value`, counted as `size` bytes, evicting the least recently used past max_bytes (a value over
+        max_bytes alone is not stored)."""
+        self.entries.put(key, value, size)
 
     def counters(self) -> dict[str, int]:
         """What a replica reports of its cache: hits, misses, evictions, entries, bytes held."""
-        stats = self.stats
+        stats = self.entries.stats
         return {"hits": stats.hits, "misses": stats.misses, "evictions": stats.evictions, "entries": stats.entries,
                 "bytes": stats.size}
 

@@ -164,12 +164,12 @@ def _typed_example(qtype: str, text: str) -> bool:
 
 @pytest.mark.parametrize("qtype", list(PHRASINGS))
 def test_every_wording_of_every_type_is_typed_and_its_phrasing_set_known(qtype):
-    for which, templates in PHRASINGS[qtype].items():
+    for phrasing_set, templates in PHRASINGS[qtype].items():
         for template in templates:
             for text in (t for t in _examples(template) if _typed_example(qtype, t)):
                 assert question_type(text) == qtype, text
                 assert question_type(text.lower()) == qtype, text
-                assert phrasing_of(text) == (qtype, which), text
+                assert phrasing_of(text) == (qtype, phrasing_set), text
 
 
 ANSWER_CASES = {  # ANSWERS key -> (words to fill its templates with, a reference answer)

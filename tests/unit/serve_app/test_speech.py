@@ -29,7 +29,7 @@ def test_speech_answers_a_resent_clip_from_its_cache_with_the_same_transcript(te
     again = asyncio.run(speech.transcribe_batch([other, tone.copy()]))  # one miss, one hit, in one batch
     assert again[1] == first[0]
     assert speech.stats()["hits"] == 1 and speech.stats()["misses"] == 2
-    assert speech.metrics.tallies["encoded"] == 2  # Whisper ran for the first clip and the new one only
+    assert speech.encoding.metrics.tallies["encoded"] == 2  # Whisper ran for the first clip and the new one only
 
 
 def test_speech_with_the_cache_off_runs_whisper_every_time(test_cfg, monkeypatch):
@@ -46,5 +46,5 @@ def test_speech_with_the_cache_off_runs_whisper_every_time(test_cfg, monkeypatch
     tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)).astype(np.float32)
     for _ in range(2):
         asyncio.run(speech.transcribe(tone))
-    assert speech.stats()["hits"] == 0 and speech.metrics.tallies["encoded"] == 2
+    assert speech.stats()["hits"] == 0 and speech.encoding.metrics.tallies["encoded"] == 2
     assert speech.stats()["entries"] == 0

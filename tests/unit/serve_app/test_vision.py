@@ -67,4 +67,4 @@ def test_vision_answers_a_resent_image_from_its_cache_per_run(test_cfg, tmp_path
     assert np.array_equal(again, first)  # a hit gives exactly what the encoder gave
     assert not np.allclose(other_run, first)  # another run's projector is a miss, not the base model's entry
     assert vision.stats()["hits"] == 1 and vision.stats()["misses"] == 2
-    assert vision.metrics.tallies["encoded"] == 2
+    assert vision.encoding.metrics.tallies["encoded"] == 2

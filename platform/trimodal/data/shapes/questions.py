@@ -74,9 +74,10 @@ def _pick(rng: np.random.Generator, options: Sequence[str]) -> str:
 
 def _wording(rng: np.random.Generator, qtype: str, held_out: float, single: bool = True) -> tuple[str, str]:
     """(phrasing set, question template); colour/shape templates without {thing} only when `single`."""
-    which = "held_out" if rng.random() < held_out else "seen"
-    templates = [t for t in PHRASINGS[qtype][which] if single or qtype not in ("color", "shape") or "{thing}" in t]
-    return which, _pick(rng, templates)
+    phrasing_set = "held_out" if rng.random() < held_out else "seen"
+    templates = [t for t in PHRASINGS[qtype][phrasing_set]
+                 if single or qtype not in ("color", "shape") or "{thing}" in t]
+    return phrasing_set, _pick(rng, templates)
 
 
 def _capital(text: str) -> str:
@@ -84,39 +85,39 @@ def _capital(text: str) -> str:
 
 
 def _color_question(rng: np.random.Generator, held_out: float, obj: ShapeObject, single: bool) -> Question:
-    which, template = _wording(rng, "color", held_out, single)
+    phrasing_set, template = _wording(rng, "color", held_out, single)
     thing = _pick(rng, [f"the {obj.shape}"] + (["the shape", "the object"] if single else []))
     named = thing if "{thing}" in template else f"the {obj.shape}"  # "What color is it?" -> "The circle is red."
     answer = _pick(rng, ANSWERS["color"]).format(Thing=_capital(named), color=obj.color, Color=_capital(obj.color))
-    return Question("color", template.format(thing=thing), answer, obj.color, which)
+    return Question("color", template.format(thing=thing), answer, obj.color, phrasing_set)
 
 
 def _shape_question(rng: np.random.Generator, held_out: float, obj: ShapeObject, single: bool) -> Question:
-    which, template = _wording(rng, "shape", held_out, single)
+    phrasing_set, template = _wording(rng, "shape", held_out, single)
     thing = _pick(rng, [f"the {obj.color} {noun}" for noun in ("object", "shape", "one")])
     named = thing if "{thing}" in template else f"the {obj.color} object"
     answer = _pick(rng, ANSWERS["shape"]).format(Thing=_capital(named), shape=obj.shape)
-    return Question("shape", template.format(thing=thing), answer, obj.shape, which)
+    return Question("shape", template.format(thing=thing), answer, obj.shape, phrasing_set)
 
 
 def _count_question(rng: np.random.Generator, held_out: float, n: int) -> Question:
-    which, template = _wording(rng, "count", held_out)
+    phrasing_set, template = _wording(rng, "count", held_out)
     words = {"is": "is" if n == 1 else "are", "n": NUMBER_WORDS[n], "N": _capital(NUMBER_WORDS[n]),
              "shapes": "shape" if n == 1 else "shapes", "objects": "object" if n == 1 else "objects"}
-    return Question("count", template, _pick(rng, ANSWERS["count"]).format(**words), NUMBER_WORDS[n], which)
+    return Question("count", template, _pick(rng, ANSWERS["count"]).format(**words), NUMBER_WORDS[n], phrasing_set)
 
 
 def _describe_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
-    which, template = _wording(rng, "describe", held_out)
+    phrasing_set, template = _wording(rng, "describe", held_out)
     caption = caption_for(objects)
     answer = _pick(rng, ANSWERS["describe"]).format(caption=caption, Caption=_capital(caption))
-    return Question("describe", template, answer, caption, which)
+    return Question("describe", template, answer, caption, phrasing_set)
 
 
 def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
     """'Is there a red circle?': yes about a drawn object, or no about a plausible other one (a drawn colour with
     another shape, or a drawn shape with another colour)."""
-    which, template = _wording(rng, "exists", held_out)
+    phrasing_set, template = _wording(rng, "exists", held_out)
     present = {(o.color, o.shape) for o in objects}
     base = objects[int(rng.integers(len(objects)))]
     color, shape = base.color, base.shape
@@ -129,16 +130,17 @@ def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequenc
         color, shape = options[int(rng.integers(len(options)))]
     item = ShapeObject(color, shape, 0, 0, 0).phrase()
     answer = _pick(rng, ANSWERS["yes" if yes else "no"]).format(item=item, color=color, shape=shape)
-    return Question("exists", template.format(item=item), answer, "yes" if yes else "no", which)
+    return Question("exists", template.format(item=item), answer, "yes" if yes else "no", phrasing_set)
 
 
 def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
     """The colour of the left or the right shape (by centre x) of a two-shape image."""
-    which, template = _wording(rng, "side", held_out)
+    phrasing_set, template = _wording(rng, "side", held_out)
     side = _pick(rng, ("left", "right"))
     obj = min(objects, key=lambda o: o.cx) if side == "left" else max(objects, key=lambda o: o.cx)
     words = {"side": side, "color": obj.color, "Color": _capital(obj.color), "shape": obj.shape}
-    return Question("side", template.format(side=side), _pick(rng, ANSWERS["side"]).format(**words), obj.color, which)
+    answer = _pick(rng, ANSWERS["side"]).format(**words)
+    return Question("side", template.format(side=side), answer, obj.color, phrasing_set)
 
 
 def group_questions(rng: np.random.Generator, questions: list[Question]) -> tuple[tuple[Question, ...], ...]:

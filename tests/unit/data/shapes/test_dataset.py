@@ -175,9 +175,9 @@ def test_held_out_wordings_never_appear_in_training_and_val_asks_both(tmp_path: 
     for split, name in (("train", "llava_instruct.json"), ("val", "llava_instruct_val.json")):
         for conv in read_llava_instruct(tmp_path / name):
             for turn in conv.turns[::2]:
-                qtype, which = phrasing_of(turn.text)
-                seen[split][qtype, which] += 1
-    assert {which for _, which in seen["train"]} == {"seen"}
+                qtype, phrasing_set = phrasing_of(turn.text)
+                seen[split][qtype, phrasing_set] += 1
+    assert {phrasing_set for _, phrasing_set in seen["train"]} == {"seen"}
     for qtype in PHRASINGS:
         assert seen["train"][qtype, "seen"] > 0
         assert seen["val"][qtype, "seen"] > 0 and seen["val"][qtype, "held_out"] > 0, qtype
