@@ -502,9 +502,10 @@ def run_child(argv: list[str], budget_s: float, env: dict[str, str], log: Path |
 
 
 def child_env() -> dict[str, str]:
-    """The children's environment: platform/ importable, unbuffered output, no vLLM usage reports."""
+    """The children's environment: platform/ importable, unbuffered output, no vLLM usage reports and no Hugging
+    Face telemetry (the values of NO_TELEMETRY_ENV in trimodal.inference.vllm_engine)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1",
-               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+               HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "platform"), env.get("PYTHONPATH")) if p)
     if env.get("CUDA_VISIBLE_DEVICES") == "":
         del env["CUDA_VISIBLE_DEVICES"]  # an empty list hides every GPU

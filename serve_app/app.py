@@ -89,7 +89,7 @@ def servable_ingress(cls: type = Ingress) -> type:
 
 
 def _actor_options(settings: AppSettings, name: str, cpus: float) -> dict:
-    options: dict[str, Any] = {"num_cpus": cpus}
+    options: dict[str, Any] = {"num_cpus": cpus, "runtime_env": {"env_vars": dict(NO_TELEMETRY_ENV)}}
     if settings.device.startswith("cuda"):
         options["num_gpus"] = GPU_SHARE[name]
     return options
