@@ -6,7 +6,9 @@ and Vision deployments, and the answer is streamed from the LanguageModel. Every
 JSON error; overload (the handle's queue is full) and a model replica that died under the request (Serve starts
 a new one) are 503s with Retry-After; a request past its deadline is a 504 (or, mid-stream, an error event); a
 client that goes away cancels its row in the LanguageModel. A prompt whose text is far over the LM's token limit
-is refused here, by counting characters, before any media is decoded or any tokenizer runs.
+is refused here, by counting characters, before any media is decoded or any tokenizer runs. A run whose files
+cannot be loaded (its projector by Vision, its adapter by the LanguageModel) is a 424 `run_unavailable` naming the
+run and the file, and the registry leaves it out of /v1/models until its files change.
 
 `/healthz` is liveness (this process answers); `/readyz` is readiness: 200 only while Speech, Vision and the
 LanguageModel each answer a cheap call within `ready_timeout_s`, else 503 naming the parts that did not.
@@ -42,7 +44,7 @@ from trimodal.inference.openai_api import (SSE_DONE, ApiError, ChatRequest, Requ
 from trimodal.inference.requests import GenerationRequest, RunBundle
 
 from serve_app.metrics import IngressMetrics, RequestTimings
-from serve_app.registry import ModelEntry, RunRegistry, UnknownModel
+from serve_app.registry import ModelEntry, RunRegistry, RunUnavailable, UnknownModel
 
 log = logging.getLogger("trimodal.serve")
 STATIC_DIR = Path(__file__).parent / "static"
@@ -229,6 +231,18 @@ class Ingress:
                         kind="server_error", code="model_unavailable",
                         headers={"Retry-After": str(self.settings.retry_after_s)})
 
+    def _run_unavailable(self, entry: ModelEntry | str, reason: str) -> ApiError:
+        """A run whose files cannot be loaded: 424 Failed Dependency, code `run_unavailable`. The request is well
+        formed and names a listed run, so no 400/404; the fault is in the run's files on the server and persists
+        until they change, so no 503 (a retry would fail alike; openai clients retry 5xx by themselves) and no bare
+        500. 424 is what Hugging Face TGI answers when its model server fails a generation (its router's API:
+        "424 Generation Error"). Left out of /v1/models from now on, until its files change."""
+        name = entry.id if isinstance(entry, ModelEntry) else entry
+        if isinstance(entry, ModelEntry):
+            self.registry.mark_broken(entry, reason)
+        log.warning("run %r cannot be loaded: %s", name, reason)
+        return ApiError(424, str(RunUnavailable(name, reason)), "model", "run_unavailable", kind="server_error")
+
     def _timed_out(self) -> ApiError:
         return ApiError(504, f"the request took longer than {self.settings.request_timeout_s:g} s",
                         kind="server_error", code="timeout")
@@ -323,6 +337,18 @@ class Ingress:
             return await asyncio.to_thread(self.registry.resolve, model)
         except UnknownModel as exc:
             raise ApiError(404, str(exc), "model", "model_not_found") from None
+        except RunUnavailable as exc:  # it failed before and its files have not changed since
+            raise self._run_unavailable(exc.run, exc.reason) from None
+
+    async def check_run(self, entry: ModelEntry) -> None:
+        """Have Vision load a run's tower and projector on its first request (text-only ones too), so a run with
+        broken files fails whatever it is asked; the LanguageModel checks its adapter on every request."""
+        if entry.run is None or self.registry.verified(entry):
+            return
+        reason = await self.vision.check_run.remote(entry.run)
+        if reason is not None:
+            raise self._run_unavailable(entry, reason)
+        self.registry.mark_verified(entry)
 
     async def chat_completions(self, request: Request) -> Response:
         """Validate, transcribe and encode media concurrently, then answer whole or as server-sent events."""
@@ -331,12 +357,18 @@ class Ingress:
         chat = parse_chat_request(parse_json_body(await self.read_body(request)), self.settings.limits)
         self.check_prompt_chars(chat.messages)
         entry = await self.resolve_model(chat.model)
+        await self._with_deadline(self.check_run(entry), deadline)
         image_size = (await self.model_info())["image_size"]
         parsed = await asyncio.to_thread(self.parse_messages, chat.messages, image_size)
         gen_request = await self._with_deadline(self.encode_media(parsed, chat, entry.run, timings), deadline)
+        failed = next((e for e in gen_request.image_embeds if isinstance(e, RunUnavailable)), None)
+        if failed is not None:
+            raise self._run_unavailable(entry, failed.reason)
         stream = self.lm_stream.generate.remote(gen_request)
         try:
             first = await self._with_deadline(anext(stream), deadline)
+            if first.get("code") == "run_unavailable":
+                raise self._run_unavailable(entry, first["error"])
             if "error" in first:
                 raise bad_request(first["error"], "messages", "context_length_exceeded")
             if chat.stream:

@@ -10,11 +10,15 @@ used evicted), and rows of different runs in one decoding batch, each with its o
 so concurrent requests share one decoding batch; plain, the single method runs a batch of one. The batch decodes
 in a worker thread and streams per-step deltas; a caller that goes away (client disconnect) marks its row
 cancelled and the decoder drops it.
+
+A run whose adapter cannot be loaded fails alone, before its request joins a batch: `generate`'s first dict is then
+{"error": what is wrong, "code": RUN_UNAVAILABLE} (the ingress names the run), and the replica serves on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -61,6 +65,8 @@ class CancelSet(set):
 
 
 _END = object()
+RUN_UNAVAILABLE = "run_unavailable"
+"""The `code` of generate's first dict when the request's run cannot be loaded."""
 
 
 def request_prompt(generator: Any, request: GenerationRequest) -> Prompt:
@@ -126,7 +132,13 @@ class LanguageModel:
             return
         key = self.adapters.key(request.run)
         if key is not None and key not in self.adapters.loaded:  # load it here, so a bad run fails alone
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.adapters.load, request.run)
+            from trimodal.runs import RunLoadError
+
+            try:
+                await asyncio.get_running_loop().run_in_executor(self._executor, self.adapters.load, request.run)
+            except RunLoadError as exc:
+                yield {"error": str(exc), "code": RUN_UNAVAILABLE}
+                return
         yield {"prompt_tokens": len(prompt.input_ids)}
         row = BatchRow(prompt, request.params, run=request.run)
         self.counters["requests"] += 1
@@ -256,7 +268,7 @@ class VllmLanguageModel:
         self.generator = load_vllm_generator(cfg, cfg.lora.target_modules if with_lora else (), device)
         self.run_adapter = adapter_ref(default_run_bundle(run_dir))
         if self.run_adapter is not None:
-            self.generator.lora_request(self.run_adapter)  # refuse an unservable adapter now, not per request
+            self.generator.check_lora(self.run_adapter)  # refuse an unservable adapter now, not per request
         self.info = {"language_model": source_label(cfg.model.language_model.source), "adapter": run.has_adapter,
                      "dtype": str(self.generator.dtype).removeprefix("torch."), "engine": "vllm"}
         self.counters = {"prompts": 0, "requests": 0, "cancelled": 0, "active": 0}
@@ -272,8 +284,11 @@ class VllmLanguageModel:
         return request_prompt(self.generator, request)
 
     def stats(self) -> dict:
-        """Counters: prompts received, requests decoded, requests cancelled by their caller, requests active."""
-        return dict(self.counters)
+        """Counters: prompts received, requests decoded, requests cancelled by their caller, requests active;
+        adapters loaded in the engine now, loads and evictions so far."""
+        slots = self.generator.adapters
+        return {**self.counters, "adapters_loaded": slots.loaded, "adapter_loads": slots.loads,
+                "adapter_evictions": slots.evictions}
 
     async def generate(self, request: GenerationRequest, adapter: Any = RUN_ADAPTER) -> AsyncIterator[dict]:
         """Stream dicts: first {"prompt_tokens"} (or {"error"}), then {"text", "finish_reason", "completion_tokens"}.
@@ -284,19 +299,30 @@ class VllmLanguageModel:
         adapter = adapter_ref(request.run) if adapter is RUN_ADAPTER else adapter
         try:
             prompt = self.prepare(request)
-            self.generator.lora_request(adapter)
         except ValueError as exc:
             yield {"error": str(exc)}
             return
-        yield {"prompt_tokens": len(prompt.input_ids)}
+        async with contextlib.AsyncExitStack() as held:
+            try:  # load the adapter before answering, so a run that cannot be loaded fails alone, up front
+                await held.enter_async_context(self.generator.lease(adapter))
+            except ValueError as exc:
+                yield {"error": str(exc), "code": RUN_UNAVAILABLE}
+                return
+            yield {"prompt_tokens": len(prompt.input_ids)}
+            async with contextlib.aclosing(self._stream(prompt, request, adapter)) as outs:
+                async for out in outs:
+                    yield out
+
+    async def _stream(self, prompt: Prompt, request: GenerationRequest, adapter: Any) -> AsyncIterator[dict]:
         self.counters["requests"] += 1
         self.counters["active"] += 1
         finished = False
         try:
-            async for delta in self.generator.stream(prompt, request.params, adapter):
-                finished = delta.finish_reason is not None
-                yield {"text": delta.text, "finish_reason": delta.finish_reason,
-                       "completion_tokens": delta.completion_tokens}
+            async with contextlib.aclosing(self.generator.stream(prompt, request.params, adapter)) as deltas:
+                async for delta in deltas:
+                    finished = delta.finish_reason is not None
+                    yield {"text": delta.text, "finish_reason": delta.finish_reason,
+                           "completion_tokens": delta.completion_tokens}
         finally:
             self.counters["active"] -= 1
             if not finished:

@@ -13,6 +13,11 @@ Ids (preset `cpu` shown):
 The two `trimodal-...` ids are reserved: a run directory of that name is not listed. An id that names no model
 rescans the runs directory (at most once per `rescan_interval_s`), so a run that finished after the server
 started is found without a restart; still unknown, it is `UnknownModel`. Clients see ids, never server paths.
+
+A run whose files a replica could not load (`mark_broken`) is left out of the listing while its files stay as they
+were (`run_fingerprint`: every file's path, size and modification time; re-exporting a run replaces final/ and so
+changes them all, and so does rewriting one file by hand); asking for it meanwhile is `RunUnavailable`, with the
+reason. Once its files change, the next scan lists it again and the next request loads it afresh.
 """
 
 from __future__ import annotations
@@ -32,6 +37,22 @@ class UnknownModel(LookupError):
     """A `model` that names neither the default, the base, nor a finished run of this preset."""
 
 
+class RunUnavailable(Exception):
+    """A finished run whose files cannot be loaded (a truncated adapter, a missing projector, ...); picklable, so a
+    replica may hand it back through Serve."""
+
+    def __init__(self, run: str, reason: str):
+        super().__init__(run, reason)
+        self.run = run
+        """The run's client-visible name."""
+        self.reason = reason
+        """What is wrong, naming the file relative to the run's final/ directory (never a server path)."""
+
+    def __str__(self) -> str:
+        return (f"the run {self.run!r} cannot be loaded: {self.reason}; it is left out of /v1/models until its "
+                "files change (re-export it)")
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """One id a client may ask for, and what answers it."""
@@ -41,6 +62,21 @@ class ModelEntry:
     """The run, or None for the base model."""
     created: int
     """Unix time the run finished (run.json's mtime); the server's start for the base model."""
+    fingerprint: tuple = ()
+    """The run's files as they were when scanned (`run_fingerprint`); empty for the default and the base."""
+
+
+def run_fingerprint(final_dir: Path) -> tuple:
+    """(relative path, size, mtime ns) of every file under a run's final/, sorted: changes whenever a file does."""
+    found = []
+    for path in final_dir.rglob("*"):
+        try:
+            stat = path.stat()
+        except OSError:  # removed while we looked
+            continue
+        if path.is_file():
+            found.append((path.relative_to(final_dir).as_posix(), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(found))
 
 
 def run_preset(final_dir: Path) -> str | None:
@@ -94,6 +130,10 @@ class RunRegistry:
         self.rescan_interval_s = rescan_interval_s
         self.started = int(time.time())
         self._runs: dict[str, ModelEntry] = {}
+        self._broken: dict[str, tuple[tuple, str]] = {}
+        """Run name -> (its fingerprint when it failed to load, why): not listed while the fingerprint holds."""
+        self._verified: set[tuple[str, tuple]] = set()
+        """(run name, fingerprint) of runs the Vision deployment loaded (`mark_verified`)."""
         self._scanned_at = float("-inf")
         self._lock = threading.Lock()
 
@@ -108,8 +148,13 @@ class RunRegistry:
                 bundle = run_bundle(final, name)
             except OSError:  # removed while we looked
                 continue
-            runs[name] = ModelEntry(name, bundle, bundle.version // 1_000_000_000)
+            runs[name] = ModelEntry(name, bundle, bundle.version // 1_000_000_000, run_fingerprint(final))
         with self._lock:
+            for name, (fingerprint, _) in list(self._broken.items()):
+                if name in runs and runs[name].fingerprint == fingerprint:
+                    del runs[name]  # still as it was when it failed
+                else:
+                    del self._broken[name]  # its files changed (or it is gone): try it again
             self._runs, self._scanned_at = runs, time.monotonic()
 
     def _scan_if_due(self) -> None:
@@ -136,11 +181,33 @@ class RunRegistry:
             return ModelEntry(model, self.default, self._created(self.default))
         if model not in self._runs:
             self._scan_if_due()
+        broken = self._broken.get(model)
+        if broken is not None:
+            raise RunUnavailable(model, broken[1])
         if model not in self._runs:
             raise UnknownModel(f"the model {model!r} does not exist: GET /v1/models lists the ids this server "
                                f"answers ({self.default_id}, {self.base_id}, and the finished runs of preset "
                                f"{self.preset!r})")
         return self._runs[model]
+
+    def mark_broken(self, entry: ModelEntry, reason: str) -> None:
+        """Leave a run that failed to load out of the listing until its files change (the default run and the base
+        model stay: they are no run of the runs directory)."""
+        if not entry.fingerprint:
+            return
+        with self._lock:
+            self._broken[entry.id] = (entry.fingerprint, reason)
+            self._runs.pop(entry.id, None)
+            self._verified.discard((entry.id, entry.fingerprint))
+
+    def verified(self, entry: ModelEntry) -> bool:
+        """Whether this run, with these files, was loaded already (the default and the base always were)."""
+        return not entry.fingerprint or (entry.id, entry.fingerprint) in self._verified
+
+    def mark_verified(self, entry: ModelEntry) -> None:
+        """Note that this run, with these files, loaded."""
+        with self._lock:
+            self._verified.add((entry.id, entry.fingerprint))
 
     def _created(self, run: RunBundle | None) -> int:
         return run.version // 1_000_000_000 if run is not None else self.started

@@ -71,7 +71,8 @@ class MediaEncoding:
                             size: Callable[[Any], int]) -> list:
         """n results: from the cache where it has item i's key (`key_of(i)`; not computed when the cache is off),
         the rest from `encode(indices of the misses)` run once in the worker thread (timed), then cached. The cache
-        counts hits and misses (stats()); the metrics export them with the encoder seconds."""
+        counts hits and misses (stats()); the metrics export them with the encoder seconds. A result that is an
+        exception (an item that could not be encoded) is passed on, never cached."""
         cache = self.cache
         keys = [key_of(i) for i in range(n)] if cache.enabled else []
         out = [cache.get(key) for key in keys] if cache.enabled else [None] * n
@@ -83,9 +84,13 @@ class MediaEncoding:
             self.metrics.encoded(time.perf_counter() - started)
             for i, value in zip(missing, fresh, strict=True):
                 out[i] = value
-                if cache.enabled:
+                if cache.enabled and not isinstance(value, BaseException):
                     cache.put(keys[i], value, size(value))
         return out
+
+    async def in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` in the worker thread that encodes (so it never runs beside an encoding batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def stats(self) -> dict:
         """Cache counters: hits, misses, evictions, entries, bytes."""

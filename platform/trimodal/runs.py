@@ -13,6 +13,10 @@ From a run this module loads:
 - or all three in one `Engine` (the CLI). The serving deployments and evaluation call the same loaders;
 - several runs' LoRA adapters at once over one base LM (`RunAdapters`), for batches whose rows are answered by
   different runs.
+
+A run whose files cannot be loaded (run.json or adapter_config.json not JSON, a missing or truncated safetensors
+file, weights whose shapes do not fit the model) raises `RunLoadError`, whose message names the file relative to
+the run's final/ directory and what is wrong, never a server path: the serving replicas pass it to clients.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from trimodal.config import SpeechConfig, TrimodalConfig, config_from_dict
@@ -35,6 +40,43 @@ from trimodal.models.multimodal import ImageEncoder
 from trimodal.models.projector import Projector, build_projector
 from trimodal.models.vision import VisionTower, load_vision_tower
 from trimodal.weights.sources import resolve_source
+
+
+class RunLoadError(ValueError):
+    """A finished run's files cannot be loaded; the message names the file (relative to final/) and the fault."""
+
+
+def _fault(exc: BaseException, directory: Path) -> str:
+    """The first line of an error, with the run's directory cut out (clients see it), at most 300 characters."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    text = lines[0].replace(f"{directory}/", "").replace(str(directory), "final")
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def check_safetensors(path: Path, label: str) -> None:
+    """RunLoadError unless `path` exists and its safetensors header reads (`label`: the name clients see)."""
+    if not path.is_file():
+        raise RunLoadError(f"{label} is missing")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (OSError, SafetensorError) as exc:
+        raise RunLoadError(f"{label} is not a readable safetensors file ({_fault(exc, path.parent)})") from None
+
+
+def check_adapter_files(adapter_dir: Path) -> None:
+    """RunLoadError unless a peft adapter directory has a JSON adapter_config.json and a readable
+    adapter_model.safetensors (whether its shapes fit shows when it is loaded)."""
+    config = adapter_dir / "adapter_config.json"
+    try:
+        parsed = json.loads(config.read_text())
+    except FileNotFoundError:
+        raise RunLoadError("adapter/adapter_config.json is missing") from None
+    except (OSError, ValueError) as exc:
+        raise RunLoadError(f"adapter/adapter_config.json is not valid JSON ({_fault(exc, adapter_dir)})") from None
+    if not isinstance(parsed, dict):
+        raise RunLoadError("adapter/adapter_config.json is not a JSON object")
+    check_safetensors(adapter_dir / "adapter_model.safetensors", "adapter/adapter_model.safetensors")
 
 
 @dataclass
@@ -59,7 +101,12 @@ def read_run(final_dir: str | Path | None) -> RunInfo:
     meta_file = path / "run.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"{path} is not a finished run (no run.json); train with jobs/pretrain.py")
-    meta = json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+    except ValueError as exc:
+        raise RunLoadError(f"run.json is not valid JSON ({_fault(exc, path)})") from None
+    if not isinstance(meta, dict):
+        raise RunLoadError("run.json is not a JSON object")
     return RunInfo(path, meta.get("vision_tower"), (path / "adapter").is_dir())
 
 
@@ -71,12 +118,19 @@ def read_run_config(run: RunInfo) -> TrimodalConfig:
 
 
 def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0) -> tuple[Projector, bool]:
-    """(projector, trained): the run's weights (safetensors only) or a fresh seeded one."""
+    """(projector, trained): the run's weights (safetensors only) or a fresh seeded one; RunLoadError when the
+    run's projector is missing, unreadable or of other shapes."""
     projector = build_projector(vision_dim, lm_hidden, seed)
     if run.directory is None:
         return projector, False
-    state = load_file(str(run.directory / "projector.safetensors"))
-    projector.load_state_dict(state, strict=True)
+    file = run.directory / "projector.safetensors"
+    check_safetensors(file, "projector.safetensors")
+    try:
+        projector.load_state_dict(load_file(str(file)), strict=True)
+    except (OSError, SafetensorError) as exc:  # truncated after its header
+        raise RunLoadError(f"projector.safetensors cannot be read ({_fault(exc, run.directory)})") from None
+    except RuntimeError as exc:  # load_state_dict: missing keys or a size mismatch
+        raise RunLoadError(f"projector.safetensors does not fit this model ({_fault(exc, run.directory)})") from None
     return projector, True
 
 
@@ -174,18 +228,28 @@ class RunAdapters:
         name = self.loaded.get(key)
         if name is not None:
             return name
+        check_adapter_files(Path(key[0]))
         self.loads += 1
         name = f"run{self.loads}"
-        lm = self.generator.lm
-        if self.loaded:
-            lm.load_adapter(key[0], adapter_name=name)
-        else:
-            from peft import PeftModel
-
-            lm = PeftModel.from_pretrained(lm, key[0], adapter_name=name)
-        self.generator.lm = lm.eval().requires_grad_(False)
+        self.generator.lm = self._load_into_lm(key[0], name).eval().requires_grad_(False)
         self.loaded.add(key, name)
         return name
+
+    def _load_into_lm(self, adapter_dir: str, name: str):
+        """The LM with one more adapter; RunLoadError (and the LM as it was) when the adapter does not fit it."""
+        lm = self.generator.lm
+        try:
+            if self.loaded:
+                lm.load_adapter(adapter_dir, adapter_name=name)
+                return lm
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(lm, adapter_dir, adapter_name=name)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as exc:
+            if self.loaded and name in getattr(lm, "peft_config", {}):  # half-made: its layers exist, unloaded
+                lm.delete_adapter(name)
+            raise RunLoadError(f"adapter does not fit this model ({_fault(exc, Path(adapter_dir).parent)})") \
+                from None
 
     def names(self, runs: Sequence[RunBundle | None]) -> list[str] | None:
         """Each row's adapter name, everything needed loaded; None while no adapter was ever loaded (plain LM).

@@ -17,6 +17,7 @@ import base64
 import io
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -236,6 +237,47 @@ def test_model_chooses_the_run_and_an_unknown_model_is_not_found(server, client,
     assert client.chat.completions.create(model="three", messages=messages, max_tokens=4).model == "three"
     assert "three" in [m.id for m in client.models.list().data]
 
+
+def listed_ids(server: Server) -> list[str]:
+    return [m["id"] for m in httpx.get(server.url + "/v1/models", timeout=30).json()["data"]]
+
+
+def test_a_broken_run_is_a_424_naming_it_and_comes_back_once_its_files_are_rewritten(server, runs_dir, make_run,
+                                                                                      tmp_path):
+    """A truncated adapter (the LanguageModel loads it) and a missing projector (Vision loads it, for a text-only
+    question too): 424 run_unavailable naming the run and the file, never a server path; both leave /v1/models,
+    the other runs answer on the same replicas; rewritten correctly, each is listed and answers again."""
+    cut = make_run(runs_dir, "broken/adapter", 21)
+    weights = cut / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (make_run(runs_dir, "broken/projector", 22) / "projector.safetensors").unlink()
+    time.sleep(1.1)  # past the registry's rescan interval
+    assert {"broken/adapter", "broken/projector"} <= set(listed_ids(server))
+    replicas = lm_stats("main")
+    faults = {"broken/adapter": "adapter/adapter_model.safetensors is not a readable safetensors file",
+              "broken/projector": "projector.safetensors is missing"}
+    for model, fault in faults.items():
+        answer = server.post("/v1/chat/completions", {"model": model, "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hello"}]})
+        error = answer.json()["error"]
+        assert answer.status_code == 424 and error["code"] == "run_unavailable", answer.text
+        assert error["message"].startswith(f"the run {model!r} cannot be loaded: {fault}") and \
+            str(runs_dir) not in answer.text, error
+    assert not {"broken/adapter", "broken/projector"} & set(listed_ids(server))
+    for model in ("one", "two", MODEL):
+        assert server.post("/v1/chat/completions", {"model": model, "max_tokens": 4, "messages": [
+            {"role": "user", "content": [image_part(png()), text_part("What color?")]}]}).status_code == 200
+    fresh = make_run(tmp_path, "fresh", 23)
+    shutil.copy2(fresh / "adapter" / "adapter_model.safetensors", weights)
+    shutil.copy2(fresh / "projector.safetensors", runs_dir / "broken" / "projector" / "final")
+    time.sleep(1.1)
+    assert {"broken/adapter", "broken/projector"} <= set(listed_ids(server))
+    for model in faults:
+        answer = server.post("/v1/chat/completions", {"model": model, "max_tokens": 4, "messages": [
+            {"role": "user", "content": [image_part(png()), text_part("What color?")]}]})
+        assert answer.status_code == 200 and answer.json()["model"] == model, answer.text
+    after = lm_stats("main")  # the same replica throughout: its counters went on from where they were
+    assert after["prompts"] >= replicas["prompts"] + 6 and after["adapter_loads"] > replicas["adapter_loads"]
 
 def test_streaming(client):
     messages = [{"role": "user", "content": [image_part(png()), text_part("Describe the image.")]}]

@@ -1,6 +1,8 @@
 """The Serve graph with the vllm engine (serving.engine=vllm) on a local Ray, over real HTTP on 127.0.0.1, with the
 official `openai` client: text, an image, a spoken question, streaming, and two runs chosen by `model` beside the
-base model, each answer compared with the builtin engine's in this process (greedy, float32: the same text).
+base model, each answer compared with the builtin engine's in this process (greedy, float32: the same text); more
+runs than LoRA slots in turn (the least recently used adapter is evicted), and a run with a broken adapter (a 424
+naming it, left out of /v1/models until it is rewritten).
 
 The LanguageModel replica runs in `.venv-vllm` (runtime_env py_executable; make install-vllm, which CI runs). The
 model is the `test` preset's tiny Llama with 2 heads (vLLM's CPU attention needs a head size of at least 32). Ray's
@@ -217,6 +219,48 @@ def test_two_runs_chosen_by_model_answer_as_in_process(client, builtin):
         answers = list(pool.map(ask, list(runs) * 2))
     assert answers == [expected[m] for m in list(runs) * 2]
 
+
+def test_more_runs_than_slots_evict_the_least_recently_used_adapter(client, builtin, runs_dir, make_run):
+    """max_loras 3 holds two adapters (one slot stays free for base rows): four runs asked in turn, then the first
+    again, each answer as in process; the replica counts the evictions."""
+    from ray import serve
+
+    make_run(runs_dir, "three", 3)
+    make_run(runs_dir, "four", 4)
+    time.sleep(1.1)  # past the registry's rescan interval
+    lm = serve.get_deployment_handle("LanguageModel", app_name="main")
+    before = lm.stats.remote().result()
+    messages = [{"role": "user", "content": [image_part(png()), text_part("What color is the square?")]}]
+    order = ["one", "two", "three", "four", "one", MODEL + "/base"]
+    for model in order:
+        resp = client.chat.completions.create(model=model, messages=messages, max_tokens=12)
+        run = None if model.endswith("/base") else model
+        assert resp.model == model and resp.choices[0].message.content == builtin(messages, run, 12), model
+    after = lm.stats.remote().result()
+    assert after["adapters_loaded"] <= OVERRIDES["serving.vllm.max_loras"] - 1
+    assert after["adapter_evictions"] - before["adapter_evictions"] >= 3, (before, after)
+    print("adapter loads, evictions:", after["adapter_loads"], after["adapter_evictions"])
+
+
+def test_a_broken_adapter_is_a_424_and_the_run_comes_back_once_rewritten(server, client, runs_dir, make_run,
+                                                                         tmp_path):
+    import httpx
+
+    weights = make_run(runs_dir, "cut", 5) / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    time.sleep(1.1)
+    ask = {"model": "cut", "max_tokens": 4, "messages": [{"role": "user", "content": "hello"}]}
+    answer = httpx.post(server[0] + "/v1/chat/completions", json=ask, timeout=120)
+    error = answer.json()["error"]
+    assert answer.status_code == 424 and error["code"] == "run_unavailable", answer.text
+    assert error["message"].startswith("the run 'cut' cannot be loaded: adapter/adapter_model.safetensors")
+    assert str(runs_dir) not in answer.text
+    assert "cut" not in [m.id for m in client.models.list().data]
+    assert client.chat.completions.create(model="one", messages=ask["messages"], max_tokens=4).model == "one"
+    weights.write_bytes((make_run(tmp_path, "fresh", 5) / "adapter" / "adapter_model.safetensors").read_bytes())
+    time.sleep(1.1)
+    assert "cut" in [m.id for m in client.models.list().data]
+    assert client.chat.completions.create(model="cut", messages=ask["messages"], max_tokens=4).model == "cut"
 
 def test_vllm_engine_metrics_are_exported(server, client):
     """vLLM's own engine metrics (exported through Ray from the replica) sit beside trimodal's in one scrape."""

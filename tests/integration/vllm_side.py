@@ -29,9 +29,10 @@ async def _raw_ids(gen, prompt, params, adapter) -> list[int]:
     embeds = gen.prompts.embed(prompt).to(gen.dtype)  # [T, H]
     ids: list[int] = []
     request = f"raw-{uuid.uuid4().hex}"
-    async for out in engine.generate({"prompt_embeds": embeds}, gen._sampling(params), request,
-                                     lora_request=gen.lora_request(adapter)):
-        ids += list(out.outputs[0].token_ids)
+    async with gen.lease(adapter) as lora:
+        async for out in engine.generate({"prompt_embeds": embeds}, gen._sampling(params), request,
+                                         lora_request=lora):
+            ids += list(out.outputs[0].token_ids)
     return ids
 
 

@@ -10,12 +10,17 @@ project's. `vllm` is imported only when an engine starts, so the pure pieces her
   `RowText` and abort its request, as does a caller that goes away.
 - LoRA: a request may name an adapter (`AdapterRef`). Adapters may not target the embeddings (prompt embeddings
   bypass them; vLLM's wrapper fails on them), and vLLM's CPU kernels give base rows the adapter in the last slot
-  when every slot is taken, so at most `max_loras - 1` adapters are ever loaded (ids from 1).
+  when every slot is taken, so at most `max_loras - 1` adapters are ever loaded (`AdapterSlots`). A new adapter
+  past that evicts the least recently used one that no running request uses (`AsyncLLM.remove_lora`), then is
+  loaded explicitly (`AsyncLLM.add_lora`, which reports a broken adapter as an error instead of failing a decoding
+  step); while every slot is in use it waits for one to free. Ids are never reused: vLLM keys its caches by id.
 - AsyncLLM belongs to the event loop it is first used on: start and use one engine from one loop.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import json
 import os
@@ -30,6 +35,7 @@ from trimodal.config import TrimodalConfig, VllmConfig
 from trimodal.hardware import resolve_dtype
 from trimodal.inference.engine import Completion, Delta, Prompt, PromptBuilder, RowText, completions_from_deltas
 from trimodal.inference.requests import SamplingParams, prompt_token_limit
+from trimodal.lru import Lru
 
 PACKED_NAMES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
                 "up_proj": "gate_up_proj"}
@@ -61,16 +67,37 @@ def vllm_lora_targets(peft_targets: Sequence[str]) -> list[str]:
 
 
 def check_adapter(path: str | Path) -> list[str]:
-    """The peft target modules of an adapter directory; ValueError if it cannot serve (embeddings, missing)."""
+    """The peft target modules of an adapter directory; ValueError if it cannot serve (embeddings, missing or
+    unreadable files; the message names the file within the adapter, not its server path)."""
     config_file = Path(path) / "adapter_config.json"
     if not config_file.is_file():
-        raise ValueError(f"{path} is not a LoRA adapter (no adapter_config.json)")
-    config = json.loads(config_file.read_text())
+        raise AdapterLoadError("adapter/adapter_config.json is missing")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise AdapterLoadError(f"adapter/adapter_config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError("adapter/adapter_config.json is not a JSON object")
     targets = config.get("target_modules") or []
     targets = [targets] if isinstance(targets, str) else list(targets)
     saved = [m for m in (config.get("modules_to_save") or []) if "embed" in m or m == "lm_head"]
     vllm_lora_targets(targets + saved)
+    check_adapter_weights(Path(path) / "adapter_model.safetensors")
     return targets
+
+
+def check_adapter_weights(file: Path) -> None:
+    """AdapterLoadError unless the adapter's safetensors file exists and its header reads."""
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise AdapterLoadError("adapter/adapter_model.safetensors is missing")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (OSError, SafetensorError) as exc:
+        raise AdapterLoadError(f"adapter/adapter_model.safetensors is not a readable safetensors file ({exc})") \
+            from None
 
 
 def omp_threads_bind(setting: str) -> str:
@@ -118,26 +145,81 @@ def sampling_kwargs(params: SamplingParams, eos_ids: set[int]) -> dict:
             "stop_token_ids": sorted(eos_ids), "detokenize": False}
 
 
+class AdapterLoadError(ValueError):
+    """An adapter the engine cannot load; the message says what is wrong, without server paths."""
+
+
+@dataclass
+class AdapterSlot:
+    """One adapter held for the engine."""
+
+    id: int
+    """Its LoRARequest id (from 1, never reused)."""
+    path: str
+    """Its peft directory."""
+    users: int = 0
+    """Requests holding it now (`lease`): it is not evicted while any does."""
+    loaded: bool = False
+    """The engine has loaded it (add_lora succeeded)."""
+
+
 class AdapterSlots:
-    """LoRARequest ids for adapters by name, ids from 1; at most `limit` adapters (vLLM's max_loras - 1)."""
+    """LoRARequest ids for adapters by name, at most `limit` held (vLLM's max_loras - 1), least recently used first:
+    a new adapter past the limit evicts the least recently used one that no request holds. Plain bookkeeping (no
+    vLLM): the generator loads and removes what `claim` and `take_evicted` say."""
 
     def __init__(self, limit: int):
         self.limit = limit
-        self.ids: dict[str, tuple[int, str]] = {}
+        self.slots: Lru[str, AdapterSlot] = Lru(max(1, limit), on_evict=self._evicted)
+        """Adapter name -> its slot, least recently used first."""
+        self.next_id = 1
+        self.loads = 0
+        """Adapters loaded into the engine so far."""
+        self._evicted_ids: list[int] = []
 
-    def id_for(self, adapter: AdapterRef) -> int:
-        """The adapter's id (ValueError: a second path under one name, or more adapters than slots)."""
-        known = self.ids.get(adapter.name)
-        if known is not None:
-            if known[1] != adapter.path:
-                raise ValueError(f"adapter {adapter.name!r} is already loaded from another directory")
-            return known[0]
-        if len(self.ids) >= self.limit:
-            raise ValueError(f"the vllm engine holds at most {self.limit} LoRA adapters "
-                             f"(serving.vllm.max_loras - 1); raise serving.vllm.max_loras")
-        check_adapter(adapter.path)
-        self.ids[adapter.name] = (len(self.ids) + 1, adapter.path)
-        return len(self.ids)
+    @property
+    def evictions(self) -> int:
+        """Adapters evicted so far to stay within the limit."""
+        return self.slots.stats.evictions
+
+    @property
+    def loaded(self) -> int:
+        """Adapters the engine holds now."""
+        return sum(slot.loaded for slot in self.slots.values())
+
+    def claim(self, adapter: AdapterRef) -> AdapterSlot | None:
+        """The adapter's slot with one more user (load it unless `loaded`), most recently used; None while every
+        slot is held by a request (retry after a `release`). ValueError: another path under its name, or an adapter
+        that cannot serve (check_adapter)."""
+        slot = self.slots.get(adapter.name)
+        if slot is not None and slot.path != adapter.path:
+            raise AdapterLoadError(f"adapter {adapter.name!r} is already loaded from another directory")
+        if slot is None:
+            held = {name for name, held_slot in zip(self.slots.keys(), self.slots.values()) if held_slot.users}
+            if len(held) >= self.limit:
+                return None
+            check_adapter(adapter.path)
+            slot = AdapterSlot(self.next_id, adapter.path)
+            self.next_id += 1
+            self.slots.add(adapter.name, slot)
+            self.slots.evict(keep=held | {adapter.name})
+        slot.users += 1
+        return slot
+
+    def release(self, name: str) -> None:
+        """One user of the adapter `name` is done with it."""
+        slot = self.slots.get(name)
+        if slot is not None:
+            slot.users -= 1
+
+    def take_evicted(self) -> list[int]:
+        """Ids evicted since the last call, that the engine still holds (remove them before loading another)."""
+        ids, self._evicted_ids = self._evicted_ids, []
+        return ids
+
+    def _evicted(self, name: str, slot: AdapterSlot) -> None:
+        if slot.loaded:
+            self._evicted_ids.append(slot.id)
 
 
 class VllmGenerator:
@@ -151,6 +233,8 @@ class VllmGenerator:
         self.eos_ids = set(eos_ids)
         self.dtype = DTYPES[dtype]
         self.adapters = AdapterSlots(max_loras - 1)
+        self._slots_changed: asyncio.Condition | None = None
+        """Held while adapters are loaded or removed; notified when a request releases one."""
         self.stat_loggers: list = []
         """vLLM stat-logger factories the engine starts with (none: vLLM records no metrics)."""
         self._engine = None
@@ -183,15 +267,57 @@ class VllmGenerator:
             self._engine.shutdown()
             self._engine = None
 
-    def lora_request(self, adapter: AdapterRef | None):
-        """vLLM's LoRARequest for an adapter (None for the base model); ValueError if it cannot serve."""
+    def check_lora(self, adapter: AdapterRef | None) -> None:
+        """ValueError if the adapter cannot serve here (LoRA off, embeddings targeted, files missing or unreadable)."""
         if adapter is None:
-            return None
+            return
         if not self.kwargs.get("enable_lora"):
             raise ValueError("this vllm engine was started without LoRA (no adapter targets)")
+        check_adapter(adapter.path)
+
+    @contextlib.asynccontextmanager
+    async def lease(self, adapter: AdapterRef | None) -> AsyncIterator:
+        """vLLM's LoRARequest for an adapter (None for the base model), loaded in the engine and not evicted until
+        the block ends; AdapterLoadError (a ValueError) when vLLM cannot load it."""
+        if adapter is None:
+            yield None
+            return
+        self.check_lora(adapter)
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(adapter.name, self.adapters.id_for(adapter), adapter.path)
+        if self._slots_changed is None:
+            self._slots_changed = asyncio.Condition()
+        async with self._slots_changed:
+            slot = await self._slots_changed.wait_for(lambda: self.adapters.claim(adapter))
+            try:
+                await self._load(LoRARequest(adapter.name, slot.id, adapter.path), slot)
+            except BaseException:
+                self.adapters.release(adapter.name)
+                raise
+        try:
+            yield LoRARequest(adapter.name, slot.id, adapter.path)
+        finally:
+            self.adapters.release(adapter.name)
+            await asyncio.shield(self._released())  # a cancelled caller still wakes the requests waiting for a slot
+
+    async def _released(self) -> None:
+        async with self._slots_changed:
+            self._slots_changed.notify_all()
+
+    async def _load(self, lora, slot: AdapterSlot) -> None:
+        """Remove what was evicted from the engine, then load `lora` unless it is loaded (under the slot lock)."""
+        engine = self.start()
+        for evicted in self.adapters.take_evicted():
+            await engine.remove_lora(evicted)
+        if slot.loaded:
+            return
+        try:
+            await engine.add_lora(lora)
+        except Exception as exc:  # vLLM answers a failed load as a plain Exception naming the call
+            message = str(exc).replace(f"{slot.path}/", "adapter/").replace(slot.path, "adapter")
+            raise AdapterLoadError(f"the adapter does not load in vLLM ({message.splitlines()[0][:300]})") from None
+        slot.loaded = True
+        self.adapters.loads += 1
 
     def _sampling(self, params: SamplingParams):
         from vllm import SamplingParams as VllmSampling
@@ -204,10 +330,16 @@ class VllmGenerator:
         """One request's deltas (row index `row`); closing the iterator early aborts the request."""
         params = self.prompts.fit(prompt, params)
         text = RowText(row, self.prompts.tokenizer, params)
-        lora = self.lora_request(adapter)
+        self.check_lora(adapter)
         if params.max_tokens <= 0:
             yield text.end(False)
             return
+        async with self.lease(adapter) as lora:
+            async for delta in self._generate(prompt, params, text, lora):
+                yield delta
+
+    async def _generate(self, prompt: Prompt, params: SamplingParams, text: RowText, lora) -> AsyncIterator[Delta]:
+        """One request's deltas from the engine, with `lora` (held by the caller); aborted if closed early."""
         engine = self.start()
         embeds = self.prompts.embed(prompt).to(self.dtype).cpu()  # [T, H]
         request_id = uuid.uuid4().hex

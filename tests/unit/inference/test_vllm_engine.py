@@ -1,5 +1,6 @@
-"""The vllm engine's pure pieces (no vllm needed): adapter checks, LoRA target names, engine and sampling
-arguments, the embedding table read from safetensors, and the shared per-row delta logic."""
+"""The vllm engine's pure pieces (no vllm needed): adapter checks, LoRA target names, the adapter slots' eviction
+bookkeeping, engine and sampling arguments, the embedding table read from safetensors, and the shared per-row delta
+logic."""
 
 import json
 from pathlib import Path
@@ -18,10 +19,13 @@ from trimodal.models.chat import Turn
 
 
 def _adapter(tmp_path: Path, name: str, targets, modules_to_save=None) -> str:
+    from safetensors.torch import save_file
+
     folder = tmp_path / name
     folder.mkdir()
     (folder / "adapter_config.json").write_text(json.dumps({"target_modules": targets,
                                                             "modules_to_save": modules_to_save}))
+    save_file({"lora_A": torch.zeros(2, 2)}, str(folder / "adapter_model.safetensors"))
     return str(folder)
 
 
@@ -40,18 +44,62 @@ def test_check_adapter_refuses_embeddings_and_non_adapters(tmp_path):
         check_adapter(_adapter(tmp_path, "emb", ["q_proj", "embed_tokens"]))
     with pytest.raises(ValueError, match="lm_head cannot serve"):
         check_adapter(_adapter(tmp_path, "head", ["q_proj"], ["lm_head"]))
-    with pytest.raises(ValueError, match="is not a LoRA adapter"):
+    with pytest.raises(ValueError, match="adapter_config.json is missing"):
         check_adapter(tmp_path)
 
 
-def test_adapter_slots_start_at_one_and_keep_a_slot_free(tmp_path):
-    slots = AdapterSlots(limit=2)  # max_loras 3
+def test_check_adapter_names_the_broken_file_without_its_path(tmp_path):
+    bad_json = Path(_adapter(tmp_path, "json", ["q_proj"]))
+    (bad_json / "adapter_config.json").write_text("{not json")
+    truncated = Path(_adapter(tmp_path, "cut", ["q_proj"]))
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:20])
+    missing = Path(_adapter(tmp_path, "gone", ["q_proj"]))
+    (missing / "adapter_model.safetensors").unlink()
+    for folder, fault in ((bad_json, "adapter/adapter_config.json is not valid JSON"),
+                          (truncated, "adapter/adapter_model.safetensors is not a readable safetensors file"),
+                          (missing, "adapter/adapter_model.safetensors is missing")):
+        with pytest.raises(ValueError, match=fault) as caught:
+            check_adapter(folder)
+        assert str(tmp_path) not in str(caught.value)
+
+
+def _load(slots: AdapterSlots, adapter: AdapterRef):
+    """What the generator does with a claim: remove what was evicted, load what is new; the slot (or None)."""
+    slot = slots.claim(adapter)
+    removed = slots.take_evicted()
+    if slot is not None and not slot.loaded:
+        slot.loaded = True
+        slots.loads += 1
+    return slot, removed
+
+
+def test_adapter_slots_keep_a_slot_free_and_evict_the_least_recently_used_idle_adapter(tmp_path):
+    slots = AdapterSlots(limit=2)  # max_loras 3: one slot stays free for base rows
     a, b, c = (AdapterRef(n, _adapter(tmp_path, n, ["q_proj"])) for n in "abc")
-    assert (slots.id_for(a), slots.id_for(b), slots.id_for(a)) == (1, 2, 1)
-    with pytest.raises(ValueError, match="at most 2 LoRA adapters .*raise serving.vllm.max_loras"):
-        slots.id_for(c)
+    (sa, _), (sb, _) = _load(slots, a), _load(slots, b)
+    assert (sa.id, sb.id) == (1, 2) and slots.loaded == 2
+    slots.release("a"), slots.release("b")
+    assert _load(slots, a)[0].id == 1  # a is now the most recently used
+    slots.release("a")
+    sc, removed = _load(slots, c)  # full: b, the least recently used and idle, goes
+    assert (sc.id, removed, slots.evictions, slots.loaded) == (3, [2], 1, 2)
+    slots.release("c")
+    sb2, removed = _load(slots, b)  # back again under a new id (vLLM keys its caches by id)
+    assert (sb2.id, removed, slots.evictions, slots.loads) == (4, [1], 2, 4)
     with pytest.raises(ValueError, match="already loaded from another directory"):
-        slots.id_for(AdapterRef("a", b.path))
+        slots.claim(AdapterRef("b", a.path))
+
+
+def test_adapter_slots_wait_while_every_slot_is_held(tmp_path):
+    slots = AdapterSlots(limit=2)
+    a, b, c = (AdapterRef(n, _adapter(tmp_path, n, ["q_proj"])) for n in "abc")
+    _load(slots, a), _load(slots, b)  # both held by running requests
+    assert slots.claim(c) is None and slots.evictions == 0  # nothing evicted under a running request
+    assert _load(slots, a)[0].users == 2  # a held adapter is shared without a slot of its own
+    slots.release("b")
+    sc, removed = _load(slots, c)
+    assert sc is not None and removed == [2] and slots.slots.keys() == ["a", "c"]
 
 
 def test_engine_and_sampling_arguments():

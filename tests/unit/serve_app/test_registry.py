@@ -57,3 +57,31 @@ def test_rescans_are_rate_limited_and_a_default_outside_the_runs_dir_is_listed_b
         registry.resolve("late")  # scanned less than an hour ago: no rescan for every unknown id
     registry.scan()
     assert registry.resolve("late").id == "late"
+
+
+def test_a_broken_run_is_left_out_until_its_files_change(tmp_path):
+    from serve_app.registry import RunUnavailable
+
+    _run(tmp_path, "good")
+    broken = _run(tmp_path, "broken")
+    (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"garbage")
+    registry = RunRegistry(tmp_path, "test", rescan_interval_s=0.0)
+    entry = registry.resolve("broken")
+    assert not registry.verified(entry) and registry.verified(registry.resolve("trimodal-test/base"))
+    registry.mark_broken(entry, "adapter/adapter_model.safetensors is not a readable safetensors file")
+    assert [e.id for e in registry.entries()] == ["trimodal-test", "trimodal-test/base", "good"]
+    with pytest.raises(RunUnavailable, match="'broken' cannot be loaded: adapter/adapter_model.safetensors") as err:
+        registry.resolve("broken")
+    assert str(tmp_path) not in str(err.value)
+    registry.scan()
+    assert "broken" not in [e.id for e in registry.entries()]  # a rescan with the same files keeps it out
+    (broken / "adapter" / "adapter_model.safetensors").write_bytes(b"fixed, and longer than before")
+    assert [e.id for e in registry.entries()][-2:] == ["broken", "good"]
+    assert registry.resolve("broken").fingerprint != entry.fingerprint
+
+
+def test_the_default_run_is_never_left_out(tmp_path):
+    final = _run(tmp_path / "elsewhere", "exp")
+    registry = RunRegistry(tmp_path / "runs", "test", run_bundle(final, "exp"))
+    registry.mark_broken(registry.resolve(None), "projector.safetensors is missing")
+    assert [e.id for e in registry.entries()] == ["trimodal-test", "trimodal-test/base", "exp"]
