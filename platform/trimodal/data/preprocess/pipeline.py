@@ -168,8 +168,9 @@ def embedding_pipeline(images: Sequence[ImageRecord], vision: VisionConfig, dire
     decoded = image_blocks(images, options.batch_size).map_batches(
         decode_images, batch_size=None, batch_format="numpy", fn_kwargs={"image_size": image_size},
         num_cpus=1, memory=decode_memory(options.batch_size, image_size), udf_modifying_row_count=False)
+    # Ray Data refuses GPU actors without a batch size; blocks hold batch_size rows, so a batch is still one block.
     return decoded.map_batches(
-        ClipEncoder, batch_size=None, batch_format="numpy",
+        ClipEncoder, batch_size=options.batch_size if options.gpus_per_encoder > 0 else None, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=options.encoders),
         fn_constructor_kwargs={"vision": vision, "directory": directory, "use_gpu": options.gpus_per_encoder > 0},
         num_cpus=options.cpus_per_encoder, num_gpus=options.gpus_per_encoder, udf_modifying_row_count=False)
