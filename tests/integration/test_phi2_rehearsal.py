@@ -14,6 +14,7 @@ token-equal across the engines.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import os
 import socket
@@ -30,12 +31,25 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
+HERE = Path(__file__).resolve().parent
+
+
+def _load_sibling(name: str):
+    """A helper module next to this file (the suite imports tests with --import-mode=importlib, which puts no test
+    directory on sys.path)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve string annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+pj = _load_sibling("phi2_jobs")
+
+ROOT = pj.ROOT
+BIN = pj.BIN
 CUDA = torch.cuda.is_available()
-SHAPES = ("--train", "8", "--val", "4", "--seed", "0")
-SCHEDULE = ("--steps", "2", "--checkpoint-every", "1")
-"""The one non-hardware change: 2 steps per stage instead of the recipe's 20,000."""
 NODE = (["stage1.accelerator_type=null", "stage2.accelerator_type=null"] if CUDA else
         ["stage1.use_gpu=false", "stage2.use_gpu=false"]) + ["stage1.cpus_per_worker=1", "stage2.cpus_per_worker=1"]
 """The CUDA-only settings, named: the A100-40G worker (use_gpu, accelerator_type) and its 8 CPUs per worker
@@ -82,10 +96,10 @@ def run(cmd: list[str], env: dict[str, str], timeout: float = JOB_TIMEOUT_S) -> 
 
 
 def runtime_env() -> str:
-    """What docs/cluster.md submits with: the working dir without venvs and runs, the library as a py_module."""
-    return json.dumps({"excludes": [".venv", ".venv-vllm", "runs", ".git", "*.egg-info", "__pycache__"],
-                       "py_modules": ["platform/trimodal"],
-                       "env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}})
+    """What docs/cluster.md submits with, less the working dir (`ray job submit --working-dir .` names it)."""
+    env = pj.runtime_env()
+    del env["working_dir"]
+    return json.dumps(env)
 
 
 def submit(r: Rehearsal, name: str, *cmd: str) -> str:
@@ -96,10 +110,6 @@ def submit(r: Rehearsal, name: str, *cmd: str) -> str:
     status = run([str(BIN / "ray"), "job", "status", "--address", r.dashboard, sid], r.env)
     assert "succeeded" in status.lower(), f"job {name}: {status[-500:]}\n{out[-6000:]}"
     return out
-
-
-def sets(*overrides: str) -> list[str]:
-    return [arg for o in overrides for arg in ("--set", o)]
 
 
 @pytest.fixture(scope="module")
@@ -113,9 +123,7 @@ def rehearsal(tmp_path_factory) -> Rehearsal:
             "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1", "PATH": f"{BIN}:{os.environ['PATH']}",
             "PYTHONPATH": str(ROOT),  # serve_app importable where Serve builds a config file's app, as on a cluster
             "TRIMODAL_CACHE": os.environ.get("TRIMODAL_CACHE", str(Path.home() / ".cache" / "trimodal"))}
-    weights = run([str(BIN / "python"), "-m", "trimodal", "rehearsal-weights", "--out", str(runs / "weights")], env)
-    overrides = [line.strip() for line in weights.splitlines() if line.startswith("model.")]
-    assert len(overrides) == 2, weights
+    overrides = pj.build_weights(runs / "weights", env)
     start = ["--temp-dir", str(temp), f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
              f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime}",
              f"--metrics-export-port={metrics}"]
@@ -131,18 +139,9 @@ def rehearsal(tmp_path_factory) -> Rehearsal:
 
 
 def run_jobs(r: Rehearsal) -> None:
-    shapes, data = r.runs / "shapes", r.runs / "data"
-    model = sets(*r.weights, *NODE)
-    submit(r, "shapes", "jobs/make_shapes.py", "--preset", "phi2", "--out", str(shapes), *SHAPES)
-    submit(r, "preprocess", "jobs/preprocess.py", "--preset", "phi2", *model, "--coco-root", str(shapes),
-           "--instruct", str(shapes / "llava_instruct.json"), "--instruct", str(shapes / "llava_instruct_val.json"),
-           "--out", str(data), *(["--gpus-per-encoder", "1"] if CUDA else []))
-    submit(r, "pretrain", "jobs/pretrain.py", "--preset", "phi2", *model, "--data", str(data),
-           "--out", str(r.runs / "pretrain"), *SCHEDULE)
-    submit(r, "finetune", "jobs/finetune.py", "--preset", "phi2", *model, "--data", str(data),
-           "--init", str(r.runs / "pretrain"), "--out", str(r.runs / "finetune"), *SCHEDULE)
-    submit(r, "evaluate", "jobs/evaluate.py", "--run", str(r.runs / "finetune"), "--data", str(data),
-           *(["--gpus", "1"] if CUDA else []))
+    gpus = pj.GpuRequests(encoder_gpus=1, eval_gpus=1) if CUDA else pj.GpuRequests()
+    for job in pj.phi2_jobs(r.runs, [*r.weights, *NODE], gpus):
+        submit(r, job.name, *job.argv)
 
 
 def test_the_jobs_train_a_phi2_run_with_the_presets_recipe(rehearsal):
@@ -253,7 +252,7 @@ def serve_shutdown(r: Rehearsal) -> None:
 
 
 def serve_run_builtin(r: Rehearsal) -> dict[str, tuple[str, int]]:
-    """`serve run serve_app:build_app key=value ...`, as the README picks an engine and a run."""
+    """`serve run serve_app:build_app key=value ...`, as docs/serving.md picks an engine and a run."""
     log = r.runs / "serve-run.log"
     run([str(BIN / "serve"), "start", "--address", f"127.0.0.1:{r.ray_port}", "--http-host", "127.0.0.1",
          "--http-port", str(r.serve_port)], r.env, timeout=120)
@@ -278,13 +277,9 @@ def deploy_config(r: Rehearsal, path: Path) -> Path:
     """serve_app/serve_config.yaml with its paths pointed at this run. Changed, each for this machine: the run,
     runs directory and weights; device, GPU shares and CPU counts (the A100 node's); the HTTP port (a free one);
     the vllm interpreter (this checkout's); float32 for the comparison."""
-    config = yaml.safe_load((ROOT / "serve_app" / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = r.serve_port
+    config = pj.serve_config_for_run(r.final, r.runs, r.serve_port, {
+        "threads": 1, "device": "cuda" if CUDA else "cpu", **dict(o.split("=", 1) for o in [*r.weights, *FLOAT32])})
     app = config["applications"][0]
-    args = app["args"]
-    args.update({"run": str(r.final), "runs_dir": str(r.runs), "threads": 1,
-                 "device": "cuda" if CUDA else "cpu"})
-    args.update(dict(o.split("=", 1) for o in [*r.weights, *FLOAT32]))
     for deployment in app["deployments"]:
         options = deployment["ray_actor_options"]
         options["num_cpus"] = 0.25 if deployment["name"] != "LanguageModel" else 1
