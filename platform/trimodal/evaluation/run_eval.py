@@ -94,13 +94,25 @@ def question_jobs(conversations: list[dict]) -> list[dict]:
     return jobs
 
 
-def conversation_scores(jobs: list[dict], preds: list[str]) -> tuple[dict, list[dict]]:
+def image_objects(references: dict[int, list[str]]) -> dict[int, int]:
+    """Shapes on each image: the most any of its reference captions names (every shapes-set caption names every
+    shape); 0 where none names a shape (real COCO)."""
+    from trimodal.evaluation.scoring import described_objects
+
+    return {image: max((sum(described_objects(r).values()) for r in refs), default=0)
+            for image, refs in references.items()}
+
+
+def conversation_scores(jobs: list[dict], preds: list[str],
+                        objects_by_image: dict[int, int] | None = None) -> tuple[dict, list[dict]]:
     """Accuracy per question type of the answers to `question_jobs`, and the per-question predictions.
 
     Later turns are answered after the reference answers of earlier ones, which can give the answer away ("Describe
     the image." names every shape's colour), so each type also reports `first_turn`: the questions that open their
     conversation, answered from the image alone, split by the wording's phrasing set (seen in training or held
-    out). `describe` also reports `two_objects`: its exact-set accuracy on images with two shapes.
+    out). Each type also reports `two_objects`: its accuracy on images with two shapes, which is where colour must
+    be bound to the right shape or side. The shapes on each image come from `objects_by_image` (`image_objects`);
+    without it, only `describe` is split, by the shapes its reference names.
     """
     from trimodal.evaluation.scoring import described_objects
 
@@ -110,7 +122,10 @@ def conversation_scores(jobs: list[dict], preds: list[str]) -> tuple[dict, list[
         ok = answer_correct(job["type"], pred, job["reference"])
         phrasing = job.get("phrasing")
         if ok is not None:
-            objects = sum(described_objects(job["reference"]).values()) if job["type"] == "describe" else 0
+            if objects_by_image is not None:
+                objects = objects_by_image.get(job["image_id"], 0)
+            else:
+                objects = sum(described_objects(job["reference"]).values()) if job["type"] == "describe" else 0
             tally[job["type"], job["first_turn"], phrasing, objects][0] += int(ok)
             tally[job["type"], job["first_turn"], phrasing, objects][1] += 1
         rows.append({"kind": "question", "id": job["id"], "image_id": job["image_id"], "type": job["type"],
@@ -131,14 +146,16 @@ def _cell(tally: dict, qtype: str, first: bool | None = None, phrasing: str | No
 
 def _accuracies(tally: dict[tuple[str, bool, str | None, int], list[int]]) -> dict:
     """{type: {accuracy, correct, total, first_turn: {accuracy, correct, total, seen: {...}, held_out: {...}}}} from
-    (type, first turn, phrasing set, objects described) tallies; `describe` adds two_objects: {..., first_turn}."""
+    (type, first turn, phrasing set, objects on the image) tallies; a type asked about two-shape images adds
+    two_objects: {accuracy, correct, total, first_turn}."""
     out = {}
     for qtype in sorted({key[0] for key in tally}):
         row = _cell(tally, qtype)
         row["first_turn"] = {**_cell(tally, qtype, True), "seen": _cell(tally, qtype, True, "seen"),
                              "held_out": _cell(tally, qtype, True, "held_out")}
-        if qtype == "describe":
-            row["two_objects"] = {**_cell(tally, qtype, objects=2), "first_turn": _cell(tally, qtype, True, objects=2)}
+        two = _cell(tally, qtype, objects=2)
+        if two["total"]:
+            row["two_objects"] = {**two, "first_turn": _cell(tally, qtype, True, objects=2)}
         out[qtype] = row
     return out
 
@@ -149,7 +166,7 @@ def _shown(cell: dict) -> str:
 
 def print_table(result: dict) -> None:
     """A small table of everything measured: per question type all turns, first turns, and first turns of seen and
-    of held-out wordings; describe's exact-set accuracy on two-shape images; all types together."""
+    of held-out wordings, then the same type on two-shape images only; all types together."""
     cap = result["captions"]
     print(f"\n{'metric':<24}{'value':>8}{'n':>6}{'first turn':>12}{'n':>6}{'seen':>8}{'n':>6}{'held-out':>10}{'n':>6}")
     for key in ("BLEU-1", "BLEU-4", "CIDEr-D"):
@@ -166,7 +183,7 @@ def print_table(result: dict) -> None:
                 totals[name][1] += cell["total"]
         if "two_objects" in row:
             two = row["two_objects"]
-            print(f"{'  describe 2 objects':<24}" + "".join(_columns([two, two["first_turn"]])))
+            print(f"{'  ' + qtype + ' 2 objects':<24}" + "".join(_columns([two, two["first_turn"]])))
     if result["questions"]:
         cells = [{"accuracy": c / t if t else None, "correct": c, "total": t} for c, t in totals.values()]
         print(f"{'accuracy all types':<24}" + "".join(_columns(cells)))
@@ -215,7 +232,7 @@ def evaluate_run(run_dir: Path, data_dir: Path, split: str = "val", limit: int |
     preds = answer_all(gen, projector, embeddings, to_caption + [(j["history"], j["image_id"], j["id"], 32)
                                                                  for j in asked], num_patches, batch_size)
     captions, cap_rows = caption_scores(to_caption, preds[:len(to_caption)], references)
-    questions, q_rows = conversation_scores(asked, preds[len(to_caption):])
+    questions, q_rows = conversation_scores(asked, preds[len(to_caption):], image_objects(references))
     result = {"run": str(run_dir), "data": str(data_dir), "split": split, "captions": captions,
               "questions": questions, "seconds": round(time.perf_counter() - started, 1)}
     out = run_dir

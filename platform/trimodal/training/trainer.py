@@ -76,7 +76,8 @@ def run_stage(cfg: TrimodalConfig, stage: int, data_dir: Path, out_dir: Path, re
     result = trainer.fit()
     meta = {"stage": stage, "steps": stage_cfg.steps, "data": str(data_dir.resolve()),
             "vision_tower": manifest["inputs"].get("vision_dir"), "vision_model_id": manifest["encoder"]["model_id"],
-            "vision_untrained": manifest["encoder"]["untrained"], "init_run": options.init_run, "quantized": quantize,
+            "vision_untrained": manifest["encoder"]["untrained"], "init_run": options.init_run,
+            "quantized": stage == 2 and quantize and cfg.quant.load_in_4bit,
             "final_loss": result.metrics.get("loss"), "train_seconds": round(time.perf_counter() - started, 1),
             "preset": cfg.name}
     return export_from_checkpoint(result.checkpoint.path, out_dir / "final", meta)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from trimodal.evaluation.run_eval import _accuracies, conversation_scores, print_table, question_jobs
+from trimodal.evaluation.run_eval import (_accuracies, conversation_scores, image_objects, print_table,
+                                          question_jobs)
 from trimodal.evaluation.scoring import rescore_rows
 
 
@@ -94,3 +95,17 @@ def test_print_table_shows_seen_held_out_two_objects_and_all_types(capsys) -> No
     assert lines[5].split() == ["accuracy", "describe", "0.667", "3", "0.667", "3", "0.500", "2", "1.000", "1"]
     assert lines[6].split() == ["describe", "2", "objects", "0.500", "2", "0.500", "2"]
     assert lines[7].split() == ["accuracy", "all", "types", "0.600", "5", "0.600", "5", "0.333", "3", "1.000", "2"]
+
+
+def test_every_type_is_split_by_the_shapes_on_its_image() -> None:
+    references = {1: ["a red circle and a blue square", "a red circle on the left and a blue square on the right"],
+                  2: ["a green triangle", "a picture of a green triangle"], 3: ["A man on a moped."]}
+    objects = image_objects(references)
+    assert objects == {1: 2, 2: 1, 3: 0}
+    conversations = [_opening("a_0", "What color is the square?", "The square is blue."),
+                     _opening("b_0", "What color is the triangle?", "The triangle is green.")]
+    conversations[0]["image_id"], conversations[1]["image_id"] = 1, 2
+    result, _ = conversation_scores(question_jobs(conversations), ["It is red.", "It is green."], objects)
+    assert result["color"]["two_objects"] == {"accuracy": 0.0, "correct": 0, "total": 1,
+                                              "first_turn": {"accuracy": 0.0, "correct": 0, "total": 1}}
+    assert result["color"]["first_turn"]["correct"] == 1 and result["color"]["total"] == 2
