@@ -3,14 +3,15 @@ fresh empty HOME (no ~/.ray token, no weights cache), on the `test` preset with 
 Ray ports and temp dir; then the stop command. Also the demo's own first-contact mistakes: its serving port taken,
 a second demo while one runs, and a stop when nothing runs.
 
-While the demo serves, every listening socket of its processes must be on loopback, except the one Ray cannot be
-told to bind elsewhere (docs/troubleshooting.md, "Ports"): each Serve replica's inter-deployment gRPC server, which
+In every step, training included (sampled twice a second), every listening socket of its processes must be on
+loopback, except the one Ray cannot be told to bind elsewhere (docs/troubleshooting.md, "Ports"): each Serve replica's inter-deployment gRPC server, which
 Ray 2.60 binds to all interfaces and guards with the cluster token.
 """
 
 from __future__ import annotations
 
 import base64
+import importlib.util
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,7 @@ DEMO_TIMEOUT_S = 1500
 STEPS = ["1/10 install", "2/10 local Ray head", "3/10 synthetic shapes set", "4/10 stage 0", "5/10 preprocess",
          "6/10 stage 1", "7/10 stage 2", "8/10 evaluate", "9/10 serve run", "10/10 ask over HTTP"]
 QUESTIONS = ["[text: What is the capital of France?]", "[image ", "[spoken question (what_color.wav)"]
+LOOPBACK = ("127.", "::ffff:127.", "::1")
 RAY_ONLY_ALL_INTERFACES = re.compile(r"^ray::ServeReplica:")
 """Processes allowed to listen beyond loopback: Serve replicas' token-guarded inter-deployment gRPC servers."""
 
@@ -96,17 +99,28 @@ def test_stop_when_nothing_runs_is_one_line(newcomer):
 def test_the_demo_on_a_fresh_machine_then_stop(newcomer):
     first = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=ROOT, env=newcomer, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
+    seen: list[str] = []
+    sampled: dict[tuple[str, int, str], str] = {}
+    done = threading.Event()
+    sampler = threading.Thread(target=_sample_listeners, args=(newcomer, seen, sampled, done), daemon=True)
     try:
-        seen = []
         for line in first.stdout:  # until the first demo holds its lock (step 1 began)
             seen.append(line)
             if line.startswith("== 1/10"):
                 break
+        sampler.start()
         second = demo(newcomer, timeout=120)
-        out = "".join(seen) + first.communicate(timeout=DEMO_TIMEOUT_S)[0]
+        deadline = time.monotonic() + DEMO_TIMEOUT_S
+        for line in first.stdout:
+            seen.append(line)
+            assert time.monotonic() < deadline, "".join(seen)[-4000:]
+        first.wait(timeout=60)
+        out = "".join(seen)
     finally:
+        done.set()
         first.kill()
     assert first.returncode == 0, out[-6000:]
+    _check_listeners_of_every_step(sampled)
     lines = [line for line in second.stderr.splitlines() if line.strip()]
     assert second.returncode != 0 and len(lines) == 1 and "a demo is already running" in lines[0], second.stderr
 
@@ -118,13 +132,42 @@ def test_the_demo_on_a_fresh_machine_then_stop(newcomer):
     assert "[token] created" in out and token.read_text().strip() not in out  # made here, never printed
 
     sockets = _listeners(newcomer)
-    exposed = [s for s in sockets if not s[0].startswith(("127.", "::ffff:127.", "::1"))]
+    exposed = [s for s in sockets if not s[0].startswith(LOOPBACK)]
     assert len(sockets) > 10 and not [s for s in exposed if not RAY_ONLY_ALL_INTERFACES.match(s[2])], sockets
 
     stopped = demo(newcomer, "stop", timeout=180)
     assert stopped.returncode == 0 and stopped.stdout.startswith("stopped:"), stopped.stdout + stopped.stderr
     ports = [int(newcomer[k]) for k in ("RAY_PORT", "DASHBOARD_PORT", "TRIMODAL_PORT")]
     assert not [p for p in ports if listening(p)] and not [s for s in sockets if listening(s[1])]
+
+
+def _sample_listeners(env: dict[str, str], lines: list[str], sampled: dict, done: threading.Event) -> None:
+    """Until `done`: twice a second, every listening socket of the head's processes (training workers included)
+    and of the server, with the demo step it was first seen in."""
+    head = _local_head()
+    pid_file = Path(env["RUNS"]) / "serve.pid"
+    while not done.is_set():
+        step = next((line[3:].strip() for line in reversed(lines) if line.startswith("== ")), "start")
+        for row in head.listeners(int(env["RAY_PORT"]), pid_file):
+            sampled.setdefault(row, step)
+        done.wait(0.5)
+
+
+def _check_listeners_of_every_step(sampled: dict[tuple[str, int, str], str]) -> None:
+    """No socket beyond loopback in any step (but Serve's replicas' own), and the training workers were sampled."""
+    exposed = {row: step for row, step in sampled.items()
+               if not row[0].startswith(LOOPBACK) and not RAY_ONLY_ALL_INTERFACES.match(row[2])}
+    assert not exposed, exposed
+    for stage in ("4/10 stage 0", "6/10 stage 1", "7/10 stage 2"):
+        workers = [row for row, step in sampled.items() if step == stage and row[2].startswith("ray::RayTrain")]
+        assert workers, f"no training worker's socket was sampled during {stage}: {sorted(set(sampled.values()))}"
+
+
+def _local_head():
+    spec = importlib.util.spec_from_file_location("local_head", ROOT / "scripts" / "local_head.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _check_steps_and_answers(out: str, env: dict[str, str]) -> None:

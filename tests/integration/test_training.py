@@ -4,6 +4,7 @@ checkpoint contents, --resume, an injected worker failure, and evaluation of the
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -118,6 +119,43 @@ def test_stage1_with_two_ddp_workers(data_dir, tmp_path):
     exported = weights_digest(load_file(str(final / "projector.safetensors")))
     assert rank0["projector_sha256"] == rank1["projector_sha256"] == exported
     assert sorted(_losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def _group_sockets(config: dict) -> None:
+    """A train function: all-reduce once, then record this worker's listening sockets and its loopback settings."""
+    import os
+
+    import psutil
+    import torch.distributed as dist
+
+    total = torch.ones(1)
+    dist.all_reduce(total)
+    listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN]
+    record = {"sum": total.item(), "listening": listening, "gloo": os.environ.get("GLOO_SOCKET_IFNAME"),
+              "world": dist.get_world_size()}
+    (Path(config["out"]) / f"{dist.get_rank()}.json").write_text(json.dumps(record))
+
+
+def test_two_workers_on_one_node_meet_on_loopback_only(ray_local, tmp_path):
+    """The project's TorchConfig on one node: the all-reduce works, and no worker listens beyond loopback (torch's
+    env:// TCPStore would listen on every interface)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from trimodal.config import StageConfig
+    from trimodal.training.process_group import loopback_interface
+    from trimodal.training.scaffold import torch_config
+
+    trainer = TorchTrainer(_group_sockets, train_loop_config={"out": str(tmp_path)},
+                           scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           torch_config=torch_config(StageConfig()),
+                           run_config=ray.train.RunConfig(storage_path=str(tmp_path / "ray")))
+    trainer.fit()
+    records = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)]
+    for record in records:
+        assert record["sum"] == 2.0 and record["world"] == 2 and record["gloo"] == loopback_interface()
+        assert record["listening"] and all(ip.startswith(("127.", "::ffff:127.")) for ip in record["listening"]), records
+    assert not list(Path(tempfile.gettempdir()).glob("trimodal-process-group-*"))  # the store's folder is removed
 
 
 def test_stage2_qlora_from_stage1_then_evaluate(data_dir, stage1_run, tmp_path):

@@ -55,12 +55,14 @@ def torch_config(stage: StageConfig):
     """The process group: NCCL for CUDA tensors where this torch build has NCCL, Gloo for the rest.
 
     Ray Train picks NCCL for any worker granted a GPU and starts it even for one worker; a CPU build of torch (a node
-    whose GPU torch cannot use) has no NCCL, so that start fails.
+    whose GPU torch cannot use) has no NCCL, so that start fails. On one node the group listens on loopback only
+    (`process_group.py`).
     """
     import torch.distributed as dist
-    from ray.train.torch import TorchConfig
 
-    return TorchConfig(backend="cpu:gloo,cuda:nccl" if stage.use_gpu and dist.is_nccl_available() else "gloo")
+    from trimodal.training.process_group import LoopbackTorchConfig
+
+    return LoopbackTorchConfig(backend="cpu:gloo,cuda:nccl" if stage.use_gpu and dist.is_nccl_available() else "gloo")
 
 
 def run_config(out_dir: Path, stage: StageConfig):
