@@ -1,13 +1,17 @@
-"""Training-step benchmark: stage-1 and stage-2 step times of a preset, under the settings that change them.
+"""Training-step benchmark: stage-0, stage-1 and stage-2 step times of a preset, under the settings that change them.
 
-Each row builds the stage's real model (stage 2: 4-bit NF4 LM + LoRA + projector) and times optimizer steps on
-batches shaped like the shapes set's (8 rows; stage 1: 49 image positions + 28 caption tokens = 77, stage 2:
-49 + 92 conversation tokens = 141; random image features, answers as targets). Rows add one change at a time:
+Stage 0 (the tiny CLIP) is timed on batches of the preset's size (64 random-pixel images with shapes-set
+captions and their phrases), in float32 and under bf16 autocast. For stages 1 and 2 each row builds the stage's
+real model and times optimizer steps on batches shaped like the shapes set's (8 rows of different lengths; stage 1:
+49 image positions + up to 28 caption tokens, stage 2: 49 + up to 92 conversation tokens; random image features,
+answers as targets where the set's answers sit: `make_batch`). Rows add one change at a time:
 
   sdpa fp32        attention through torch's sdpa kernel, float32 matmuls, LoRA dropout 0.05 (the baseline)
   + bf16 autocast  bfloat16 autocast (native on CPUs with AMX / AVX512-BF16 and on GPUs; emulated elsewhere)
   + eager          the plain-matmul attention kernel instead of sdpa
   + no dropout     LoRA dropout 0 (stage 2 only: PyTorch draws dropout masks slowly on CPU)
+  + plain LoRA     stage 2 only: LoRA on the float32 base instead of the 4-bit NF4 one (no dequantisation)
+  attn-only LoRA   stage 2 only, a candidate not taken: LoRA on q/k/v/o only (the MLP's adapters dropped)
 
 The ratio column is each row's step time over the first row's, measured in the same run.
 
@@ -18,6 +22,7 @@ The ratio column is each row's step time over the first row's, measured in the s
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 
@@ -28,7 +33,7 @@ from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from trimodal.runs import RunInfo
 from trimodal.training.collate import Batch
 from trimodal.hardware import native_bf16
-from trimodal.training.step import train_step
+from trimodal.training.step import bf16_autocast, train_step
 from trimodal.training.policies import stage1_model, stage2_model
 
 BATCH, PATCHES = 8, 49
@@ -39,20 +44,60 @@ TARGETS = {1: 12, 2: 30}
 
 
 def make_batch(stage: int, vision_dim: int, vocab: int, seed: int) -> Batch:
-    """One batch: [image placeholders][text], targets on the last TARGETS[stage] tokens of each row."""
+    """One batch shaped like the shapes set's: [image placeholders][text][padding], rows of different lengths
+    (right-padded to the longest), and the targets where answers sit: stage 1 the caption at each row's end, stage 2
+    three answers spread through each row's conversation, so they fall at different positions in each row."""
     gen = torch.Generator().manual_seed(seed)
-    text = torch.randint(10, vocab, (BATCH, TEXT_TOKENS[stage]), generator=gen)
-    image = torch.full((BATCH, PATCHES), IMAGE_TOKEN_ID)
-    ids = torch.cat([image, text], dim=1)  # [B, 49] + [B, T_text] -> [B, T]
+    longest = TEXT_TOKENS[stage]
+    ids = torch.full((BATCH, PATCHES + longest), 0)
     labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, -TARGETS[stage]:] = ids[:, -TARGETS[stage]:]
+    mask = torch.zeros_like(ids)
+    spans = 1 if stage == 1 else 3
+    for row in range(BATCH):
+        length = PATCHES + longest - 2 * row  # [49 + T_text - 2r]: up to 14 padded positions per row
+        ids[row, :PATCHES] = IMAGE_TOKEN_ID
+        ids[row, PATCHES:length] = torch.randint(10, vocab, (length - PATCHES,), generator=gen)
+        mask[row, :length] = 1
+        per_span = TARGETS[stage] // spans
+        for k in range(spans):
+            end = PATCHES + (length - PATCHES) * (k + 1) // spans
+            labels[row, end - per_span:end] = ids[row, end - per_span:end]
     features = torch.randn(BATCH, PATCHES, vision_dim, generator=gen)
-    return Batch(ids, torch.ones_like(ids), labels, features)
+    return Batch(ids, mask, labels, features)
 
 
-def variant(cfg: TrimodalConfig, eager: bool, dropout: float) -> TrimodalConfig:
+def time_stage0(cfg: TrimodalConfig, autocast: bool, steps: int) -> float:
+    """Median seconds per stage-0 optimizer step (after one warm-up step), phrase grounding as the preset says."""
+    from trimodal.data.shapes.samples import sample_image
+    from trimodal.models.vision import build_random_clip
+    from trimodal.training.clip import ClipCollator, build_caption_tokenizer, contrastive_loss
+    from trimodal.training.step import optimizer_step
+
+    stage, vision = cfg.stage0, cfg.model.vision
+    captions = [list(sample_image(0, "train", i).captions) for i in range(stage.batch_size)]
+    tokenizer = build_caption_tokenizer([c for cs in captions for c in cs])
+    model = build_random_clip(vision.random_shape, vision.image_size, len(tokenizer))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    collate = ClipCollator(tokenizer, seed=0, phrases=vision.stage0_phrases)
+    gen = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(steps + 1):
+        pixels = torch.randint(0, 256, (stage.batch_size, vision.image_size, vision.image_size, 3), generator=gen,
+                               dtype=torch.uint8)
+        batch = collate({"pixels": pixels.numpy(), "captions": [json.dumps(c) for c in captions]})
+        start = time.perf_counter()
+        with bf16_autocast(autocast, "cpu"):
+            loss = contrastive_loss(model, batch, vision.stage0_pool)
+        optimizer_step(loss, model.parameters(), optimizer, scheduler)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def variant(cfg: TrimodalConfig, eager: bool, dropout: float, extra: tuple[str, ...] = ()) -> TrimodalConfig:
     kernel = "eager" if eager else "sdpa"
-    return load_config(cfg.name, [f"model.language_model.attn_implementation={kernel}", f"lora.dropout={dropout}"])
+    return load_config(cfg.name, [f"model.language_model.attn_implementation={kernel}", f"lora.dropout={dropout}",
+                                  *extra])
 
 
 def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int, steps: int) -> tuple[float, int]:
@@ -83,17 +128,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     base = load_config(args.preset)
     vision_dim = base.model.vision.random_shape.hidden_size
-    rows = [("sdpa fp32", False, False, 0.05), ("+ bf16 autocast", False, True, 0.05), ("+ eager", True, True, 0.05),
-            ("+ no dropout", True, True, 0.0)]
+    nf4, plain = ("quant.load_in_4bit=true",), ("quant.load_in_4bit=false",)
+    attention = ("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",)
+    rows = [("sdpa fp32", False, False, 0.05, nf4), ("+ bf16 autocast", False, True, 0.05, nf4),
+            ("+ eager", True, True, 0.05, nf4), ("+ no dropout", True, True, 0.0, nf4),
+            ("+ plain LoRA", True, True, 0.0, plain), ("attn-only LoRA", True, True, 0.0, plain + attention)]
     print(f"preset {args.preset}, {args.threads} threads, native bf16: {native_bf16('cpu')}, batch {BATCH}, "
           f"median of {args.steps} steps")
     print(f"| stage | settings | tokens/batch | s/step | tokens/s | time vs first row |\n|---|---|---|---|---|---|")
+    fp32 = time_stage0(base, False, args.steps)
+    print(f"| 0 | fp32 | {base.stage0.batch_size} images | {fp32:.2f} | | 1.00 |", flush=True)
+    bf16 = time_stage0(base, True, args.steps)
+    print(f"| 0 | + bf16 autocast | {base.stage0.batch_size} images | {bf16:.2f} | | {bf16 / fp32:.2f} |", flush=True)
     for stage in (1, 2):
         first = None
-        for name, eager, autocast, dropout in rows:
+        for name, eager, autocast, dropout, extra in rows:
             if stage == 1 and dropout == 0.0:
                 continue  # stage 1 has no LoRA
-            seconds, tokens = time_steps(variant(base, eager, dropout), stage, autocast, vision_dim, args.steps)
+            seconds, tokens = time_steps(variant(base, eager, dropout, extra), stage, autocast, vision_dim, args.steps)
             first = first or seconds
             print(f"| {stage} | {name} | {tokens} | {seconds:.2f} | {tokens / seconds:.0f} | {seconds / first:.2f} |",
                   flush=True)

@@ -99,17 +99,15 @@ class MultimodalLM(nn.Module):
                 labels: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Mean next-token loss over target tokens, and their count.
 
-        Logits are computed only at positions whose next token is a target in some row (answers are a small
-        part of each sequence), which skips most of the vocabulary projection.
+        The vocabulary projection runs only on the hidden states whose next token is a target: answers are a small
+        part of each sequence, and they sit at different positions in each row of a batch.
         """
         image_embeds = None if image_features is None else self.project(image_features)
         inputs_embeds = self.embed(input_ids, image_embeds)
+        hidden = self.lm.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                       use_cache=False).last_hidden_state  # [B, T, H]
         targets = labels[:, 1:]  # position p predicts token p + 1
-        keep = (targets != IGNORE_INDEX).any(0).nonzero().squeeze(-1)  # [K] positions with a target
-        out = self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep,
-                      use_cache=False)
-        logits = out.logits.float()  # [B, K, V]
-        picked = targets[:, keep]  # [B, K]
-        n_targets = int((picked != IGNORE_INDEX).sum())
-        loss = F.cross_entropy(logits.flatten(0, 1), picked.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-        return loss / max(n_targets, 1), n_targets
+        rows, positions = (targets != IGNORE_INDEX).nonzero(as_tuple=True)  # [n], [n]
+        logits = self.lm.get_output_embeddings()(hidden[rows, positions]).float()  # [n, H] -> [n, V]
+        loss = F.cross_entropy(logits, targets[rows, positions], reduction="sum")
+        return loss / max(len(rows), 1), len(rows)

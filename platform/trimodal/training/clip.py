@@ -30,7 +30,7 @@ from trimodal.training.checkpoint import TrainState, load_optimizer_state, save_
 from trimodal.training.metrics import MetricsLog
 from trimodal.training.scaffold import (StepReporter, check_resume, iterate_batches, lr_lambda, restored_checkpoint,
                                         run_config, scaling_config, start_worker, torch_config, worker_device)
-from trimodal.training.step import optimizer_step
+from trimodal.training.step import bf16_autocast, optimizer_step, use_autocast
 
 SPECIALS = ["[PAD]", "[BOS]", "[UNK]", "[EOS]"]  # ids 0..3, matching tiny_clip_config
 MAX_TEXT_TOKENS = 32
@@ -207,11 +207,13 @@ def clip_train_loop(config: dict) -> None:
                                                                               cfg.model.vision.stage0_phrases),
                               stage.batch_size, state, stage.seed)
     reporter = StepReporter(stage, log, scheduler, lambda d: _save_clip(d, model, optimizer, scheduler, state, cfg))
+    autocast = use_autocast(stage, worker_device())
     while state.step < stage.steps:
         started = time.perf_counter()
         state.epoch, index, batch = next(batches)
-        loss = optimizer_step(contrastive_loss(wrapped, batch, cfg.model.vision.stage0_pool), model.parameters(),
-                              optimizer, scheduler)
+        with bf16_autocast(autocast, worker_device()):
+            loss = contrastive_loss(wrapped, batch, cfg.model.vision.stage0_pool)
+        loss = optimizer_step(loss, model.parameters(), optimizer, scheduler)
         reporter.finish(state, index, loss, started, {"tokens": int(batch["attention_mask"].sum()),
                                                       "images": len(batch["texts"])})
 

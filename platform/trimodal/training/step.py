@@ -22,11 +22,15 @@ def use_autocast(stage: StageConfig, device) -> bool:
     return False
 
 
+def bf16_autocast(enabled: bool, device) -> torch.autocast:
+    """bfloat16 autocast on `device`'s type (a no-op context when not `enabled`)."""
+    return torch.autocast("cuda" if str(device).startswith("cuda") else "cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
 def train_step(model, batch: Batch, optimizer, scheduler, autocast: bool, device) -> tuple[float, int]:
     """One optimizer step; returns (loss, target tokens)."""
     model.train()
-    dev_type = "cuda" if str(device).startswith("cuda") else "cpu"
-    with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=autocast):
+    with bf16_autocast(autocast, device):
         loss, n_targets = model(batch.input_ids, batch.attention_mask, batch.image_features, batch.labels)
     trainable = [p for p in model.parameters() if p.requires_grad]
     return optimizer_step(loss, trainable, optimizer, scheduler), n_targets
