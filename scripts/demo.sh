@@ -91,7 +91,7 @@ demo_jobs() {
     submit_job pretrain python jobs/pretrain.py --preset "$PRESET" --data "$RUNS/data" --out "$RUNS/pretrain" \
     --resume $(steps "${STEPS1:-}")
   # shellcheck disable=SC2046
-  step "7/10 stage 2: QLoRA + projector on conversations (ray job submit)" "$RUNS/finetune/final/run.json" \
+  step "7/10 stage 2: LoRA + projector on conversations (ray job submit)" "$RUNS/finetune/final/run.json" \
     submit_job finetune python jobs/finetune.py --preset "$PRESET" --data "$RUNS/data" --init "$RUNS/pretrain" \
     --out "$RUNS/finetune" --resume $(steps "${STEPS2:-}")
 }
