@@ -5,10 +5,11 @@
             ends, and the image is projected once per prompt
   new       what `jobs/evaluate.py` runs: the prompts of a conversation prefilled once as a chain, chains batched in
             order of length, finished rows dropped from the batch and its KV cache, each image projected once
+  new bf16  the same under bf16 autocast (a candidate: faster where bf16 is native, but its answers differ)
 
 Every way answers the same prompts (captions, then every assistant turn of the conversations) greedily; the table
 gives each way's wall and CPU seconds (CPU time is the steadier measure on a shared machine; with --threads 1 it is
-the work done), each over old b=16's, and how many answers differ from old b=1's (one at a time).
+the work done), each over old b=16's, and how many answers differ from old b=1's (one at a time) and from new's.
 
     python bench/evaluate.py --run runs/demo/finetune --data runs/demo/data              # every held-out image
     python bench/evaluate.py --run RUN --data DATA --limit 20 --ways "old b=16,new"      # a quick look
@@ -29,8 +30,9 @@ from trimodal.evaluation.run_eval import answer_all, caption_jobs, load_for_eval
 from trimodal.inference.engine import Prompt
 from trimodal.inference.generation import left_pad
 from trimodal.models.multimodal import project_image_features
+from trimodal.training.step import bf16_autocast
 
-WAYS = ("old b=1", "old b=16", "new")
+WAYS = ("old b=1", "old b=16", "new", "new bf16")
 
 
 @torch.no_grad()
@@ -84,8 +86,9 @@ def run_way(way: str, gen, projector, embeddings, jobs, new_batch: int) -> tuple
     """(wall seconds, CPU seconds of this process, answers) of one way."""
     patches = next(iter(embeddings.values())).shape[0]
     started, cpu = time.perf_counter(), time.process_time()
-    if way == "new":
-        answers = answer_all(gen, projector, embeddings, jobs, patches, new_batch)
+    if way.startswith("new"):
+        with bf16_autocast(way == "new bf16", "cpu"):
+            answers = answer_all(gen, projector, embeddings, jobs, patches, new_batch)
     else:
         batch = int(way.split("=")[1])
         captions = [j for j in jobs if j[3] == 40]
@@ -120,11 +123,13 @@ def main() -> None:
         args.save.write_text(json.dumps({way: answers for way, (_, _, answers) in results.items()}, indent=1))
     base = results.get("old b=16", next(iter(results.values())))
     single = results.get("old b=1", (0.0, 0.0, None))[2]
-    print("| way | seconds | vs old b=16 | CPU seconds | vs old b=16 | answers differing from old b=1 |\n"
-          "|---|---|---|---|---|---|")
+    new = results.get("new", (0.0, 0.0, None))[2]
+    print("| way | seconds | vs old b=16 | CPU seconds | vs old b=16 | answers differing from old b=1 | from new |\n"
+          "|---|---|---|---|---|---|---|")
     for way, (seconds, cpu, answers) in results.items():
-        differ = "-" if single is None else str(sum(a != b for a, b in zip(answers, single)))
-        print(f"| {way} | {seconds:.1f} | {seconds / base[0]:.2f} | {cpu:.1f} | {cpu / base[1]:.2f} | {differ} |")
+        differ = ["-" if other is None else str(sum(a != b for a, b in zip(answers, other))) for other in (single, new)]
+        print(f"| {way} | {seconds:.1f} | {seconds / base[0]:.2f} | {cpu:.1f} | {cpu / base[1]:.2f} | {differ[0]} "
+              f"| {differ[1]} |")
 
 
 if __name__ == "__main__":

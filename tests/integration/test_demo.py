@@ -4,8 +4,8 @@ Ray ports and temp dir; then the stop command. Also the demo's own first-contact
 a second demo while one runs, and a stop when nothing runs.
 
 In every step, training included (sampled twice a second), every listening socket of its processes must be on
-loopback, except the one Ray cannot be told to bind elsewhere (docs/troubleshooting.md, "Ports"): each Serve replica's inter-deployment gRPC server, which
-Ray 2.60 binds to all interfaces and guards with the cluster token.
+loopback, except the one Ray cannot be told to bind elsewhere (docs/troubleshooting.md, "Ports"): each Serve
+replica's inter-deployment gRPC server, which Ray 2.60 binds to all interfaces and guards with the cluster token.
 """
 
 from __future__ import annotations
