@@ -100,7 +100,7 @@ def test_the_demo_on_a_fresh_machine_then_stop(newcomer):
     first = subprocess.Popen(["bash", "scripts/demo.sh"], cwd=ROOT, env=newcomer, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     seen: list[str] = []
-    sampled: dict[tuple[str, int, str], str] = {}
+    sampled: dict[tuple[str, int], tuple[str, str]] = {}  # (address, port) -> (first step seen, process name)
     done = threading.Event()
     sampler = threading.Thread(target=_sample_listeners, args=(newcomer, seen, sampled, done), daemon=True)
     try:
@@ -148,19 +148,21 @@ def _sample_listeners(env: dict[str, str], lines: list[str], sampled: dict, done
     pid_file = Path(env["RUNS"]) / "serve.pid"
     while not done.is_set():
         step = next((line[3:].strip() for line in reversed(lines) if line.startswith("== ")), "start")
-        for row in head.listeners(int(env["RAY_PORT"]), pid_file):
-            sampled.setdefault(row, step)
+        for ip, port, name in head.listeners(int(env["RAY_PORT"]), pid_file):
+            first_step = sampled.get((ip, port), (step, name))[0]
+            sampled[ip, port] = (first_step, name)  # a worker is renamed once its actor starts: keep the newest name
         done.wait(0.5)
 
 
-def _check_listeners_of_every_step(sampled: dict[tuple[str, int, str], str]) -> None:
+def _check_listeners_of_every_step(sampled: dict[tuple[str, int], tuple[str, str]]) -> None:
     """No socket beyond loopback in any step (but Serve's replicas' own), and the training workers were sampled."""
-    exposed = {row: step for row, step in sampled.items()
-               if not row[0].startswith(LOOPBACK) and not RAY_ONLY_ALL_INTERFACES.match(row[2])}
+    exposed = {(ip, port): seen for (ip, port), seen in sampled.items()
+               if not ip.startswith(LOOPBACK) and not RAY_ONLY_ALL_INTERFACES.match(seen[1])}
     assert not exposed, exposed
     for stage in ("4/10 stage 0", "6/10 stage 1", "7/10 stage 2"):
-        workers = [row for row, step in sampled.items() if step == stage and row[2].startswith("ray::RayTrain")]
-        assert workers, f"no training worker's socket was sampled during {stage}: {sorted(set(sampled.values()))}"
+        workers = [row for row, (step, name) in sampled.items()
+                   if step.startswith(stage) and name.startswith("ray::RayTrain")]
+        assert workers, f"no training worker's socket was sampled during {stage}: {sampled}"
 
 
 def _local_head():
