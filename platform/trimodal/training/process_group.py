@@ -55,6 +55,8 @@ class _LoopbackTorchBackend(_TorchBackend):
         if len(set(worker_group.execute(_node_id))) > 1:
             super().on_start(worker_group, backend_config)
             return
+        if self.store_dir is not None:  # a group that failed and is being replaced never reached on_shutdown
+            worker_group.execute_single(0, shutil.rmtree, self.store_dir, ignore_errors=True)
         self.store_dir = worker_group.execute_single(0, _private_dir)
         worker_group.execute(_use_loopback)
         if not isinstance(worker_group, V1WorkerGroup):
