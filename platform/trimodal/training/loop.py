@@ -126,11 +126,12 @@ def train_loop(config: dict) -> None:
     while state.step < stage.steps:
         started = time.perf_counter()
         state.epoch, index, batch = next(batches)
+        data_wait_s = time.perf_counter() - started
         data.update(batch.input_ids.cpu().numpy().tobytes())
         batch = _to_device(batch, device)
         _maybe_fail(options, state.step + 1)
         loss, n_targets = train_step(model, batch, optimizer, scheduler, autocast, device)
         losses.append(loss)
         reporter.finish(state, index, loss, started, {"tokens": int(batch.attention_mask.sum())},
-                        {"target_tokens": n_targets}, print_due_samples)
+                        {"target_tokens": n_targets, "data_wait_s": data_wait_s}, print_due_samples)
     _record_worker(options, stage_model, started_at, state.step, losses, data)
