@@ -24,7 +24,7 @@ import socket
 import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -36,6 +36,7 @@ from drillkit import RssSampler, local_ray, print_table, server_processes, start
 from trimodal.inference.media_fetch import is_loopback, read_attempts
 
 MODEL = "trimodal-test"
+"""The model id the cases name (the test preset's default id); `all_cases` names another served preset's."""
 SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1}
 PRIVATE_HOSTS = ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", "localhost", "0.0.0.0", "2130706433",
                  "0x7f000001", "::ffff:127.0.0.1", "192.168.1.1", "172.16.0.1", "100.64.0.1", "fe80::1",
@@ -268,10 +269,19 @@ def _raw(headers: str, body: bytes) -> bytes:
             "Connection: close\r\n\r\n").encode() + body
 
 
-def all_cases(limit: int) -> list[Case]:
-    """Every case, in a stable order."""
-    return json_cases() + message_cases() + param_cases() + image_cases() + audio_cases() + url_cases() + \
+def all_cases(limit: int, model: str = MODEL) -> list[Case]:
+    """Every case, in a stable order; a body that names a model by a string names `model`, the served preset's
+    id (`trimodal-PRESET`), so each case is refused for its own fault and not as an unknown model (404)."""
+    cases = json_cases() + message_cases() + param_cases() + image_cases() + audio_cases() + url_cases() + \
         http_cases(limit)
+    return [_naming(case, model) for case in cases]
+
+
+def _naming(case: Case, model: str) -> Case:
+    body = case.body
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        return replace(case, body={**body, "model": model})
+    return case
 
 
 def send_raw(url: str, request: bytes) -> int | None:
@@ -383,8 +393,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (default: start the test preset on a free port)")
     parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="the server's body limit")
+    parser.add_argument("--model", default=MODEL, help="the server's default model id, trimodal-PRESET (with --url)")
     args = parser.parse_args()
-    cases = all_cases(args.max_body_bytes)
+    cases = all_cases(args.max_body_bytes, args.model if args.url else MODEL)
     if args.url:
         report(run_sweep(args.url.rstrip("/"), cases, watch_server=False))
         return

@@ -553,7 +553,7 @@ def main() -> None:
     bounds = Bounds(args.max_rss_growth_pct, args.max_fd_growth, args.max_p95_ratio,
                     {name: float(pct) for name, pct in parse_overrides(args.rss_bound, "--rss-bound").items()})
     engines = ("builtin", "vllm") if args.engine == "both" else (args.engine,)
-    bad_cases = bad_input_sweep.all_cases(MAX_BODY_BYTES)
+    bad_cases = bad_input_sweep.all_cases(MAX_BODY_BYTES, f"trimodal-{args.preset}")
     soaks = []
     with local_ray(num_cpus=args.num_cpus), tempfile.TemporaryDirectory(prefix="soak-media-") as tmp:
         for engine in engines:
