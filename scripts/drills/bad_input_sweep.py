@@ -11,7 +11,7 @@ server processes (sampled every 0.1 s), and whether a real chat completion still
 reasons, 0 fetch attempts and 0 restarts.
 
     python scripts/drills/bad_input_sweep.py                              # about a minute on 2 cores
-    python scripts/drills/bad_input_sweep.py --url http://127.0.0.1:8000  # restarts and RSS: n/a
+    python scripts/drills/bad_input_sweep.py --url http://127.0.0.1:8000 --preset cpu  # restarts and RSS: n/a
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ from trimodal.inference.media_fetch import is_loopback, read_attempts
 
 MODEL = "trimodal-test"
 """The model id the cases name (the test preset's default id); `all_cases` names another served preset's."""
+TEST_MAX_PIXELS = 4096 * 1024
+"""The test preset's serving.max_image_pixels."""
 SERVE_ARGS = {"preset": "test", "run": "none", "threads": 1}
 PRIVATE_HOSTS = ("127.0.0.1", "10.0.0.1", "169.254.169.254", "::1", "localhost", "0.0.0.0", "2130706433",
                  "0x7f000001", "::ffff:127.0.0.1", "192.168.1.1", "172.16.0.1", "100.64.0.1", "fe80::1",
@@ -147,8 +149,9 @@ def param_cases() -> list[Case]:
     return [Case(f"{name} = {str(value)[:20]}", {"messages": hi, name: value}) for name, value in values]
 
 
-def image_cases() -> list[Case]:
-    """Broken, hostile and extreme images."""
+def image_cases(max_pixels: int) -> list[Case]:
+    """Broken, hostile and extreme images (`max_pixels`: the server's serving.max_image_pixels, at least 4M)."""
+    over = max_pixels // 4096 + 1  # 4096 x over > max_pixels
     ok = media.png(64, 64)
     jpeg = media.encoded(Image.new("RGB", (64, 64), (9, 90, 9)), "JPEG")
     return [
@@ -168,7 +171,7 @@ def image_cases() -> list[Case]:
         Case("1x1 PNG (valid)", ask([image(media.png(1, 1)), {"type": "text", "text": "colour?"}]), expect=(200,)),
         Case("1 x 4,000,000 PNG (valid, under the pixel limit)", ask([image(media.png(1, 4_000_000))]), expect=(200,)),
         Case("4,000,000 x 1 PNG (valid, under the pixel limit)", ask([image(media.png(4_000_000, 1))]), expect=(200,)),
-        Case("4097 x 1024 PNG (just over the pixel limit)", ask([image(media.png(4097, 1024))])),
+        Case(f"4096 x {over} PNG (just over the pixel limit)", ask([image(media.png(4096, over))])),
         Case("30000 x 30000 PNG (110 KB on the wire)", ask([image(media.png_bomb(30_000, 30_000))])),
         Case("PNG bomb: 10000 x 10000 1-bit", ask([image(media.png_bomb(10_000, 10_000))])),
         Case("PNG bomb: IDAT inflating to 200 MB for 8x8 pixels", ask([image(media.png_idat_bomb())]),
@@ -269,12 +272,21 @@ def _raw(headers: str, body: bytes) -> bytes:
             "Connection: close\r\n\r\n").encode() + body
 
 
-def all_cases(limit: int, model: str = MODEL) -> list[Case]:
-    """Every case, in a stable order; a body that names a model by a string names `model`, the served preset's
-    id (`trimodal-PRESET`), so each case is refused for its own fault and not as an unknown model (404)."""
-    cases = json_cases() + message_cases() + param_cases() + image_cases() + audio_cases() + url_cases() + \
-        http_cases(limit)
+def all_cases(limit: int, model: str = MODEL, max_pixels: int = TEST_MAX_PIXELS) -> list[Case]:
+    """Every case, in a stable order, for a server whose body limit is `limit` and image pixel limit `max_pixels`;
+    a body that names a model by a string names `model`, the served preset's id (`trimodal-PRESET`), so each case
+    is refused for its own fault and not as an unknown model (404)."""
+    cases = json_cases() + message_cases() + param_cases() + image_cases(max_pixels) + audio_cases() + \
+        url_cases() + http_cases(limit)
     return [_naming(case, model) for case in cases]
+
+
+def cases_for(preset: str, overrides: dict | None = None) -> list[Case]:
+    """Every case for a server of `preset` (name or path, with config overrides): its model id and limits."""
+    from trimodal.config import load_config
+
+    cfg = load_config(preset, overrides)
+    return all_cases(cfg.serving.max_body_bytes, f"trimodal-{cfg.name}", cfg.serving.max_image_pixels)
 
 
 def _naming(case: Case, model: str) -> Case:
@@ -392,10 +404,9 @@ def rss_rows(rss: RssSampler | None, na: str) -> list[tuple[str, str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", help="a running server (default: start the test preset on a free port)")
-    parser.add_argument("--max-body-bytes", type=int, default=16 << 20, help="the server's body limit")
-    parser.add_argument("--model", default=MODEL, help="the server's default model id, trimodal-PRESET (with --url)")
+    parser.add_argument("--preset", default="test", help="with --url: the preset it serves (its model id and limits)")
     args = parser.parse_args()
-    cases = all_cases(args.max_body_bytes, args.model if args.url else MODEL)
+    cases = cases_for(args.preset if args.url else "test")
     if args.url:
         report(run_sweep(args.url.rstrip("/"), cases, watch_server=False))
         return

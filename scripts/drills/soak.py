@@ -4,11 +4,11 @@ status codes and replica restarts drift, window by window.
 Starts the serving graph (a preset and a run or runs directory, engine builtin or vllm, or both in turn) on
 127.0.0.1 at a free port, like the other drills, and sends `--concurrency` clients of mixed traffic for `--seconds`:
 text, image and spoken questions (tests/data/what_color.wav with a shapes image), three-turn conversations,
-streaming (some clients close the stream after two chunks on purpose), requests for every other run by `model`,
-and the bad-input sweep's cases (bad_input_sweep.all_cases, one every ten requests, in turn), after a priming pass
-that sends every one of those cases once (`pre` in the table). Media URLs go through the sweep's sandbox (hosts from
-a table, a loopback-only transport), so nothing leaves the machine. Every client stops by itself at the deadline or
-after `--max-requests`, whichever comes first.
+streaming (some clients close the stream after two chunks on purpose), requests for every other run by `model`, and
+the bad-input sweep's cases for the served preset's model id and limits (bad_input_sweep.cases_for, one every ten
+requests, in turn), after a priming pass that sends every one of those cases once (`pre` in the table). Media URLs
+go through the sweep's sandbox (hosts from a table, a loopback-only transport), so nothing leaves the machine. Every
+client stops by itself at the deadline or after `--max-requests`, whichever comes first.
 
 Each window (`--window-s`, a minute by default) it prints and records: requests, status-code counts, p50/p95 latency
 of the valid traffic's answers (bad inputs are in the counts only: their 17 MB bodies and image bombs would be the
@@ -53,8 +53,6 @@ MIX = ("text", "image", "stream", "conversation", "speech", "other_run", "stream
 """The kinds of request, in turn across all clients (a conversation is three requests)."""
 VALID_KINDS = frozenset(MIX) - {"bad"}
 MAX_TOKENS = 16
-MAX_BODY_BYTES = 16 << 20
-"""The server's body limit (serving default), for the sweep's oversized-body case."""
 
 
 @dataclass
@@ -553,7 +551,7 @@ def main() -> None:
     bounds = Bounds(args.max_rss_growth_pct, args.max_fd_growth, args.max_p95_ratio,
                     {name: float(pct) for name, pct in parse_overrides(args.rss_bound, "--rss-bound").items()})
     engines = ("builtin", "vllm") if args.engine == "both" else (args.engine,)
-    bad_cases = bad_input_sweep.all_cases(MAX_BODY_BYTES, f"trimodal-{args.preset}")
+    bad_cases = bad_input_sweep.cases_for(args.preset, parse_overrides(args.set))
     soaks = []
     with local_ray(num_cpus=args.num_cpus), tempfile.TemporaryDirectory(prefix="soak-media-") as tmp:
         for engine in engines:

@@ -23,3 +23,11 @@ def test_cases_name_the_served_presets_model_so_they_are_refused_for_their_own_f
     assert set(named_models(default)) == {"trimodal-test", 42}
     assert set(named_models(for_cpu)) == {"trimodal-cpu", 42}  # the wrong-type case keeps its wrong type
     assert len(named_models(for_cpu)) > 50  # most cases are whole chat requests
+
+
+def test_the_pixel_limit_case_is_just_over_the_served_presets_limit():
+    for preset, limit in (("test", 4096 * 1024), ("cpu", 4096 * 4096)):
+        over = [c for c in bad_input_sweep.cases_for(preset) if "just over the pixel limit" in c.name]
+        assert len(over) == 1 and over[0].expect == (400,)
+        width, height = (int(v) for v in over[0].name.split(" PNG")[0].split(" x "))
+        assert limit < width * height <= limit + 4096
