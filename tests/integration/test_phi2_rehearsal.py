@@ -285,7 +285,7 @@ def deploy_config(r: Rehearsal, path: Path) -> Path:
         options["num_cpus"] = 0.25 if deployment["name"] != "LanguageModel" else 1
         if not CUDA:
             options.pop("num_gpus", None)
-        if "runtime_env" in options:
+        if deployment["name"] == "LanguageModel":  # the only replica in the vllm environment
             options["runtime_env"]["py_executable"] = str(ROOT / ".venv-vllm" / "bin" / "python")
         deployment.pop("autoscaling_config", None)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
