@@ -111,7 +111,8 @@ def main() -> None:
     embeddings, references, conversations = read_split(args.data, "val")
     keep = set(sorted(embeddings)[:args.limit])
     embeddings = {i: e for i, e in embeddings.items() if i in keep}
-    gen, projector, cfg = load_for_eval(args.run, next(iter(embeddings.values())).shape[-1])
+    num_patches, dim = next(iter(embeddings.values())).shape
+    gen, projector, cfg = load_for_eval(args.run, dim, num_patches)
     jobs = all_jobs(embeddings, references, conversations, cfg.data.caption_prompt)
     ways = [w.strip() for w in args.ways.split(",")]
     print(f"{len(embeddings)} images, {len(jobs)} prompts, {args.threads} threads")

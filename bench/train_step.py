@@ -103,9 +103,10 @@ def variant(cfg: TrimodalConfig, eager: bool, dropout: float, extra: tuple[str, 
 def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int, steps: int) -> tuple[float, int]:
     """Median seconds per optimizer step (after one warm-up step) and tokens per batch."""
     if stage == 1:
-        stage_model = stage1_model(cfg, vision_dim)
+        stage_model = stage1_model(cfg, vision_dim, num_patches=PATCHES)
     else:
-        stage_model = stage2_model(cfg, vision_dim, RunInfo(None, None, False), quantize=cfg.quant.load_in_4bit)
+        stage_model = stage2_model(cfg, vision_dim, RunInfo(None, None, False), quantize=cfg.quant.load_in_4bit,
+                                   num_patches=PATCHES)
     params = [p for p in stage_model.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)

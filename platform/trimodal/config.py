@@ -8,6 +8,7 @@ A preset is loaded by name (`phi2`, `cpu`, `test`) or by path, then dotted overr
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -166,6 +167,13 @@ class ModelConfig:
     """Whisper."""
     projector_seed: int = 0
     """Seed for the projector's initialisation."""
+    projector_positions: bool = False
+    """The projector adds a learned embedding per patch position to the features (for a tower whose patch features
+    do not say where they are)."""
+
+    def projector_positions_for(self, num_patches: int) -> int:
+        """The projector's `positions` for a tower of `num_patches` patches (0: none)."""
+        return num_patches if self.projector_positions else 0
 
     def validate(self, path: str) -> None:
         self.language_model.validate(f"{path}.language_model")
@@ -248,6 +256,10 @@ class StageConfig:
     """Examples per step per worker."""
     lr: float = 1e-4
     """Peak learning rate."""
+    lora_lr: Optional[float] = None
+    """Stage 2: peak learning rate of the LoRA adapters (None: `lr`, as the projector)."""
+    lora_steps: int = 0
+    """Stage 2: the LoRA adapters train for the first this many steps, then only the projector (0: every step)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     warmup_steps: int = 0
@@ -262,7 +274,7 @@ class StageConfig:
     """Train on GPUs."""
     accelerator_type: Optional[str] = None
     """Ray accelerator type to request per worker (e.g. A100-40G)."""
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1
     """CPUs reserved per worker (leave some to Ray Data: it streams the shards during training)."""
     torch_threads: int = 0
     """Intra-op threads for torch in each worker (0: Ray's default, one per reserved CPU)."""
@@ -281,6 +293,10 @@ class StageConfig:
         _check_range(f"{path}.steps", self.steps, 1)
         _check_range(f"{path}.batch_size", self.batch_size, 1)
         _check_range(f"{path}.lr", self.lr, 0.0)
+        if self.lora_lr is not None:
+            _check_range(f"{path}.lora_lr", self.lora_lr, 0.0)
+        _check_range(f"{path}.lora_steps", self.lora_steps, 0)
+        _check_range(f"{path}.cpus_per_worker", self.cpus_per_worker, 0.0)
         _check_range(f"{path}.checkpoint_every", self.checkpoint_every, 1)
         _check_range(f"{path}.num_to_keep", self.num_to_keep, 1)
         _check_range(f"{path}.num_workers", self.num_workers, 1)
@@ -437,6 +453,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if not isinstance(value, bool):
             raise ConfigError(f"{path}: expected true or false, got {value!r}")
         return value
+    if tp is float and isinstance(value, str):
+        value = _float_text(value, path)
     if tp in (int, float):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
@@ -511,6 +529,17 @@ def load_config(name_or_path: str | Path = "cpu",
     for key, value in items:
         _set_dotted(data, key, value)
     return _from_dict(TrimodalConfig, data, "").validate()
+
+
+def _float_text(text: str, path: str) -> float:
+    """A float written without a dot ('2e-4'): YAML 1.1, which PyYAML reads, takes it for a string."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ConfigError(f"{path}: expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}: expected a finite number, got {text!r}")
+    return value
 
 
 def config_from_dict(data: dict) -> TrimodalConfig:

@@ -117,15 +117,21 @@ def read_run_config(run: RunInfo) -> TrimodalConfig:
     return config_from_dict(yaml.safe_load((run.directory / "config.yaml").read_text()))
 
 
-def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0) -> tuple[Projector, bool]:
-    """(projector, trained): the run's weights (safetensors only) or a fresh seeded one; RunLoadError when the
-    run's projector is missing, unreadable or of other shapes."""
-    projector = build_projector(vision_dim, lm_hidden, seed)
+def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0,
+                   positions: int = 0) -> tuple[Projector, bool]:
+    """(projector, trained): the run's weights (safetensors only) or a fresh seeded one with `positions` (see
+    `Projector`); RunLoadError when the run's projector is missing, unreadable or of other shapes.
+
+    A run's projector keeps the layout it was trained with: it has position embeddings exactly when its file
+    does, whatever the serving preset says, so runs trained with and without them serve side by side."""
     if run.directory is None:
-        return projector, False
+        return build_projector(vision_dim, lm_hidden, seed, positions), False
     file = run.directory / "projector.safetensors"
     check_safetensors(file, "projector.safetensors")
     try:
+        with safe_open(str(file), framework="pt") as handle:
+            saved = handle.get_slice("position").get_shape()[0] if "position" in handle.keys() else 0
+        projector = build_projector(vision_dim, lm_hidden, seed, saved)
         projector.load_state_dict(load_file(str(file)), strict=True)
     except (OSError, SafetensorError) as exc:  # truncated after its header
         raise RunLoadError(f"projector.safetensors cannot be read ({_fault(exc, run.directory)})") from None
@@ -144,7 +150,11 @@ def load_image_encoder(cfg: TrimodalConfig, run: RunInfo, lm_hidden: int,
                        device: str | torch.device = "cpu") -> ImageEncoder:
     """The run's tower + projector (projecting to the LM width `lm_hidden`) as one image encoder."""
     tower = load_tower_for_run(cfg, run, device)
-    projector, trained = load_projector(run, tower.info.hidden_size, lm_hidden, cfg.model.projector_seed)
+    projector, trained = load_projector(run, tower.info.hidden_size, lm_hidden, cfg.model.projector_seed,
+                                        cfg.model.projector_positions_for(tower.info.num_patches))
+    if projector.positions not in (0, tower.info.num_patches):
+        raise RunLoadError(f"projector.safetensors has position embeddings for {projector.positions} patches; "
+                           f"the run's tower gives {tower.info.num_patches}")
     return ImageEncoder(tower, projector.to(device), trained)
 
 

@@ -194,7 +194,7 @@ def _one_at_a_time(run_dir, data_dir) -> list[str]:
     from trimodal.inference.requests import SamplingParams
 
     embeddings, references, conversations = read_split(data_dir, "val")
-    gen, projector, cfg = load_for_eval(run_dir, next(iter(embeddings.values())).shape[-1])
+    gen, projector, cfg = load_for_eval(run_dir, *reversed(next(iter(embeddings.values())).shape))
     jobs = caption_jobs(embeddings, references, cfg.data.caption_prompt)
     jobs += [(j["history"], j["image_id"], j["id"], 32) for j in question_jobs(conversations)
              if j["image_id"] in embeddings]

@@ -46,6 +46,17 @@ def test_wrong_type_and_unknown_field():
         load_config("test", ["model.vision.fallback_to_random=maybe"])
 
 
+def test_a_float_written_without_a_dot_is_a_number():
+    cfg = load_config("cpu", ["stage2.lr=2e-3", "stage2.lora_lr=2e-4"])  # YAML 1.1 reads both as strings
+    assert (cfg.stage2.lr, cfg.stage2.lora_lr) == (2e-3, 2e-4)
+    with pytest.raises(ConfigError, match=r"stage2\.lora_lr: expected a number, got 'fast'"):
+        load_config("cpu", ["stage2.lora_lr=fast"])
+    with pytest.raises(ConfigError, match=r"stage2\.lr: expected a finite number"):
+        load_config("cpu", ["stage2.lr=inf"])
+    with pytest.raises(ConfigError, match=r"stage2\.batch_size: expected a number, got '8e0'"):
+        load_config("cpu", ["stage2.batch_size=8e0"])
+
+
 def test_unknown_preset_lists_the_shipped_ones():
     with pytest.raises(ConfigError, match="'nope' is not one of cpu, phi2, test"):
         load_config("nope")

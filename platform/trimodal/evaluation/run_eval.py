@@ -28,12 +28,14 @@ EVAL_PROMPT_TOKENS = 4096
 applied here)."""
 
 
-def load_for_eval(run_dir: Path, vision_dim: int, device: str = "cpu"):
-    """(generator, projector, cfg) of a finished run; the projector takes the precomputed tower features."""
+def load_for_eval(run_dir: Path, vision_dim: int, num_patches: int, device: str = "cpu"):
+    """(generator, projector, cfg) of a finished run; the projector takes the precomputed tower features
+    ([num_patches, vision_dim] per image)."""
     run = read_run(run_dir)
     cfg = read_run_config(run)
     generator = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS)
-    projector, _ = load_projector(run, vision_dim, generator.lm.config.hidden_size)
+    projector, _ = load_projector(run, vision_dim, generator.lm.config.hidden_size,
+                                  positions=cfg.model.projector_positions_for(num_patches))
     return generator, projector.to(device).eval(), cfg
 
 
@@ -224,9 +226,8 @@ def evaluate_run(run_dir: Path, data_dir: Path, split: str = "val", limit: int |
     if limit is not None:
         keep = set(sorted(embeddings)[:limit])
         embeddings = {i: e for i, e in embeddings.items() if i in keep}
-    dim = next(iter(embeddings.values())).shape[-1]
-    gen, projector, cfg = load_for_eval(run_dir, dim, device)
-    num_patches = next(iter(embeddings.values())).shape[0]
+    num_patches, dim = next(iter(embeddings.values())).shape
+    gen, projector, cfg = load_for_eval(run_dir, dim, num_patches, device)
     to_caption = caption_jobs(embeddings, references, cfg.data.caption_prompt)
     asked = [j for j in question_jobs(conversations) if j["image_id"] in embeddings]
     preds = answer_all(gen, projector, embeddings, to_caption + [(j["history"], j["image_id"], j["id"], 32)

@@ -26,21 +26,35 @@ class SimpleResBlock(nn.Module):
 
 
 class Projector(nn.Module):
-    """Maps CLIP patch features into the LM's embedding space."""
+    """Maps CLIP patch features into the LM's embedding space.
 
-    def __init__(self, vision_dim: int, lm_hidden: int):
+    With `positions` > 0 it first adds a learned embedding per patch position (`position`, zero at the start) to the
+    features. The LM reads the patch tokens in raster order, and its own positions do not tell it a patch's column;
+    a tower trained from scratch on captions need not keep where a patch is in its outputs (the cpu preset's does
+    not), so this puts it back. A pretrained CLIP's patch features carry position and need none.
+    """
+
+    def __init__(self, vision_dim: int, lm_hidden: int, positions: int = 0):
         super().__init__()
         self.vision_dim = vision_dim
         self.lm_hidden = lm_hidden
+        self.positions = positions
+        if positions:
+            self.position = nn.Parameter(torch.zeros(positions, vision_dim))
         self.linear = nn.Linear(vision_dim, lm_hidden)
         self.res_block = SimpleResBlock(lm_hidden)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.positions:
+            if features.shape[-2] != self.positions:
+                raise ValueError(f"the projector was built for {self.positions} patch positions, "
+                                 f"got features of {features.shape[-2]}")
+            features = features + self.position  # [B, N, vision_dim] + [N, vision_dim]
         # [B, N, vision_dim] -> [B, N, lm_hidden], e.g. [B, 49, 640] -> [B, 49, 2560] for Phi-2
         return self.res_block(self.linear(features))
 
 
-def build_projector(vision_dim: int, lm_hidden: int, seed: int = 0) -> Projector:
-    """A freshly initialised projector, reproducible from `seed`."""
+def build_projector(vision_dim: int, lm_hidden: int, seed: int = 0, positions: int = 0) -> Projector:
+    """A freshly initialised projector, reproducible from `seed`; `positions`: see `Projector`."""
     with seeded(seed):
-        return Projector(vision_dim, lm_hidden)
+        return Projector(vision_dim, lm_hidden, positions)

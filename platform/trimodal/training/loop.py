@@ -22,9 +22,9 @@ from trimodal.runs import RunInfo
 from trimodal.training.checkpoint import TrainState, load_training_state, save_training_state, weights_digest
 from trimodal.training.collate import Batch, Collator
 from trimodal.training.metrics import MetricsLog, record_worker
-from trimodal.training.policies import StageModel, stage1_model, stage2_model
+from trimodal.training.policies import StageModel, param_groups, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
-from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambda, restored_checkpoint, start_worker,
+from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambdas, restored_checkpoint, start_worker,
                                         worker_device)
 from trimodal.training.step import train_step, use_autocast
 
@@ -52,12 +52,13 @@ class LoopOptions:
 def build_stage(cfg: TrimodalConfig, options: LoopOptions, device, ckpt_dir: Path | None) -> StageModel:
     """The stage's model; stage 2 resumes its adapter from the checkpoint when there is one."""
     if options.stage == 1:
-        return stage1_model(cfg, options.vision_dim, device)
+        return stage1_model(cfg, options.vision_dim, device, num_patches=options.num_patches)
     from trimodal.runs import read_run
 
     init = read_run(options.init_run) if options.init_run else RunInfo(None, None, False)
     adapter = ckpt_dir / "adapter" if ckpt_dir is not None and (ckpt_dir / "adapter").exists() else None
-    return stage2_model(cfg, options.vision_dim, init, device, quantize=options.quantize, adapter_dir=adapter)
+    return stage2_model(cfg, options.vision_dim, init, device, quantize=options.quantize, adapter_dir=adapter,
+                        num_patches=options.num_patches)
 
 
 def _to_device(batch: Batch, device) -> Batch:
@@ -92,9 +93,8 @@ def _restore(cfg: TrimodalConfig, options: LoopOptions, stage: StageConfig, devi
     Train hands over, fresh otherwise."""
     with restored_checkpoint() as ckpt_dir:
         stage_model = build_stage(cfg, options, device, ckpt_dir)
-        params = [p for p in stage_model.model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
+        optimizer = torch.optim.AdamW(param_groups(stage_model.model, stage), weight_decay=stage.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(stage, len(optimizer.param_groups)))
         state = load_training_state(ckpt_dir, stage_model.model, optimizer, scheduler) if ckpt_dir else TrainState()
     return stage_model, optimizer, scheduler, state
 

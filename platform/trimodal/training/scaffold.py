@@ -133,6 +133,17 @@ def lr_lambda(stage: StageConfig):
     return factor
 
 
+def lr_lambdas(stage: StageConfig, groups: int) -> list:
+    """One `lr_lambda` per parameter group of `policies.param_groups`; the second group (the LoRA adapters) stops
+    at `stage.lora_steps` when that is set."""
+    schedule = lr_lambda(stage)
+
+    def adapters(step: int) -> float:
+        return schedule(step) if not stage.lora_steps or step < stage.lora_steps else 0.0
+
+    return [schedule, adapters][:groups]
+
+
 def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: int) -> Iterator[tuple[int, int, Any]]:
     """(epoch, batch index, batch) forever, skipping what a resumed run already consumed.
 

@@ -8,7 +8,7 @@ from transformers import PhiConfig, PhiForCausalLM
 from trimodal.config import load_config
 from trimodal.runs import RunInfo
 from trimodal.models.projector import Projector
-from trimodal.training.policies import count_parameters, stage1_model, stage2_model
+from trimodal.training.policies import count_parameters, param_groups, stage1_model, stage2_model
 
 
 def test_phi2_qlora_targets_give_the_recipes_trainable_count():
@@ -39,6 +39,28 @@ def test_stage1_trains_only_the_projector(test_cfg):
     assert names and all(n.startswith("projector.") for n in names)
     assert sm.trainable == sum(p.numel() for p in sm.model.projector.parameters())
     assert sm.total == sm.trainable + sum(p.numel() for p in sm.model.lm.parameters())
+
+
+@pytest.mark.parametrize("lora_lr", [None, 3e-4])
+def test_stage2_trains_the_projector_at_lr_and_the_adapters_at_lora_lr(lora_lr):
+    cfg = load_config("test", {"stage2.lr": 2e-3, "stage2.lora_lr": lora_lr})
+    sm = stage2_model(cfg, vision_dim=32, init=RunInfo(None, None, False), quantize=False)
+    groups = param_groups(sm.model, cfg.stage2)
+    assert [g["lr"] for g in groups] == [2e-3, 2e-3 if lora_lr is None else lora_lr]
+    names = {id(p): n for n, p in sm.model.named_parameters()}
+    assert all(names[id(p)].startswith("projector.") for p in groups[0]["params"])
+    assert groups[1]["params"] and all("lora_" in names[id(p)] for p in groups[1]["params"])
+    assert sum(len(g["params"]) for g in groups) == len(_trainable_names(sm.model))
+
+
+def test_stage1_has_one_group_and_a_positioned_projector_when_the_preset_asks(test_cfg):
+    cfg = load_config("test", {"model.projector_positions": True, "stage1.lora_lr": 1e-5})
+    sm = stage1_model(cfg, vision_dim=32, num_patches=4)
+    groups = param_groups(sm.model, cfg.stage1)
+    assert len(groups) == 1 and groups[0]["lr"] == cfg.stage1.lr
+    assert sm.model.projector.position.shape == (4, 32) and sm.model.projector.position.requires_grad
+    with pytest.raises(ValueError, match="num_patches"):
+        stage1_model(cfg, vision_dim=32)
 
 
 @pytest.mark.parametrize("quantize", [False, True])

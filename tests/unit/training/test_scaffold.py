@@ -11,7 +11,7 @@ from trimodal.config import load_config
 from trimodal.training import scaffold
 from trimodal.training.checkpoint import TrainState
 from trimodal.training.metrics import MetricsLog
-from trimodal.training.scaffold import RunExistsError, StepReporter, check_resume, lr_lambda
+from trimodal.training.scaffold import RunExistsError, StepReporter, check_resume, lr_lambda, lr_lambdas
 from trimodal.training.step import optimizer_step
 
 
@@ -21,6 +21,17 @@ def test_lr_warms_up_then_decays_to_a_tenth():
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(100) == pytest.approx(0.1)
     assert all(f(s) >= f(s + 1) for s in range(10, 100))
+
+
+@pytest.mark.parametrize("lora_steps", [0, 30])
+def test_the_adapters_schedule_stops_at_lora_steps_and_the_projectors_runs_on(lora_steps):
+    stage = dataclasses.replace(load_config("test").stage2, steps=100, warmup_steps=10, lora_steps=lora_steps)
+    projector, adapters = lr_lambdas(stage, 2)
+    assert [projector(s) for s in range(101)] == [lr_lambda(stage)(s) for s in range(101)]
+    stop = lora_steps or 101
+    assert [adapters(s) for s in range(stop)] == [projector(s) for s in range(stop)]
+    assert all(adapters(s) == 0.0 for s in range(stop, 101))
+    assert len(lr_lambdas(stage, 1)) == 1  # stage 1: the projector alone
 
 
 def test_optimizer_step_clips_the_gradient_and_steps_the_schedule():
