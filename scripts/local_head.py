@@ -34,6 +34,11 @@ HEAD_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", 
 """Token auth on, loopback only, no usage report from Ray, vLLM or Hugging Face (trimodal.inference.vllm_engine's
 NO_TELEMETRY_ENV, written out: importing it would load torch): for the head, and so for every job and replica it
 runs, and for everything started from this shell."""
+WORKER_NICENESS = {"RAY_worker_niceness": "0"}
+"""Ray starts every worker process at nice 15, below its own daemons (GCS, raylet, dashboard, agents, the job
+supervisor: some fifteen processes), which then preempt the training workers of a 2-core machine. This head runs
+the demo's and `make jobs`' work, so its workers run at the priority of the shell that started the head (set
+RAY_worker_niceness before `make demo` to choose another)."""
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 ALL_INTERFACES_BY_RAY = "ray::ServeReplica:"
 """The one listener Ray cannot be told to keep on loopback: each Serve replica's inter-deployment gRPC server (Ray
@@ -155,7 +160,7 @@ def start(port: int, dashboard_port: int, extra: list[str]) -> None:
            "--disable-usage-stats", *own_defaults(port, extra), *extra]
     # Every process of the head inherits RAY_ADDRESS: Ray internals that look a cluster up with "auto" (Ray Train's
     # placement-group cleaner, the job supervisor) then find this head, not the one last started under /tmp/ray.
-    head_env = os.environ | HEAD_ENV | {"RAY_ADDRESS": f"127.0.0.1:{port}"}
+    head_env = WORKER_NICENESS | os.environ | HEAD_ENV | {"RAY_ADDRESS": f"127.0.0.1:{port}"}
     started = subprocess.run(cmd, env=head_env, capture_output=True, text=True, timeout=300)
     if started.returncode != 0:
         tail = "\n".join((started.stdout + started.stderr).strip().splitlines()[-15:])

@@ -214,11 +214,29 @@ def test_submission_with_the_token_runs_and_nothing_else_did(token_head):
 WHICH_CLUSTER = """
 import os, ray
 ray.init()
-worker = ray.get(ray.remote(lambda: os.environ.get("RAY_ADDRESS")).remote())
+worker, niceness = ray.get(ray.remote(lambda: (os.environ.get("RAY_ADDRESS"), os.nice(0))).remote())
 print("addresses=" + os.environ["RAY_ADDRESS"] + "," + str(worker))
+print(f"niceness={os.nice(0)},{niceness}")
 """
 """A job that prints the cluster address its driver is given and the one a worker process of the cluster sees
-(what Ray internals such as Ray Train's placement-group cleaner resolve "auto" with)."""
+(what Ray internals such as Ray Train's placement-group cleaner resolve "auto" with), then both processes'
+niceness."""
+
+
+def job_niceness(dashboard: int, home: Path) -> list[int]:
+    """[the driver's niceness, a worker's niceness] in a job submitted to the head on `dashboard`."""
+    result = subprocess.run([str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
+                             sys.executable, "-c", WHICH_CLUSTER], env=clean_env(home, RAY_AUTH_MODE="token"),
+                            cwd=home, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("niceness="))
+    return [int(v) for v in line.split("=", 1)[1].split(",")]
+
+
+def test_the_demo_heads_workers_run_at_normal_priority(token_head):
+    """Ray starts workers at nice 15 unless told otherwise; the demo's head runs its jobs' workers (Ray Train's,
+    Ray Data's) at the priority of the shell that started it, so the demo is not slowed by Ray's own processes."""
+    assert job_niceness(token_head.dashboard_port, token_head.home) == [os.nice(0), os.nice(0)]
 
 
 def job_sees_address(dashboard: int, home: Path) -> list[str]:
