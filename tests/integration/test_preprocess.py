@@ -125,7 +125,7 @@ def _table(run: Run, name: str):
 
 
 def _shapes_captions(inputs: Inputs) -> tuple[int, int]:
-    """(captions the shapes set wrote, those of them about the skipped images): 3 or 4 per image."""
+    """(captions the shapes set wrote, those of them about the skipped images): 3 per image."""
     annotations = [a for split in ("train", "val") for a in json.loads(
         (inputs.coco_roots[0] / "annotations" / f"captions_{split}2017.json").read_text())["annotations"]]
     return len(annotations), sum(1 for a in annotations if a["image_id"] in SKIPPED)
@@ -176,7 +176,7 @@ def test_corrupt_and_missing_images_are_skipped_reported_and_their_rows_dropped(
     assert not set(SKIPPED) & set(captions["image_id"].to_pylist())
     assert not set(SKIPPED) & set(conversations["image_id"].to_pylist())
     about_skipped = _shapes_captions(inputs)[1]
-    assert about_skipped >= 9  # 3 or 4 captions per image
+    assert about_skipped >= 9  # 3 captions per image
     assert first.manifest["dropped"]["captions"] == about_skipped and first.manifest["dropped"]["conversations"] > 0
     assert any("3 images skipped" in line for line in first.log)
     assert any(line.startswith("encoded 16/16 images") for line in first.log)

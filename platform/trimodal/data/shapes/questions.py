@@ -39,31 +39,21 @@ def caption_for(objects: Sequence[ShapeObject]) -> str:
 
 
 def captions_for(rng: np.random.Generator, objects: tuple[ShapeObject, ...]) -> tuple[str, ...]:
-    """The canonical caption first, then paraphrases (other wording, or the other object order), and for two
-    shapes clearly apart in x a caption that says where each one is (`positional_caption`)."""
+    """The canonical caption first, then paraphrases (other wording, or the other object order).
+
+    No caption says where a shape is: stage 0 grounded such phrases ("a red circle on the left") without its
+    patch features learning position (docs/training.md, "Position"); the projector's position embeddings carry it."""
     canonical = caption_for(objects)
     variants = [t.format(canonical) for t in CAPTION_TEMPLATES]
     if len(objects) > 1:
         variants.append(caption_for(objects[::-1]))
     picks = rng.choice(len(variants), size=CAPTIONS_PER_IMAGE - 1, replace=False)
-    positional = positional_caption(objects)
-    return (canonical, *(variants[int(i)] for i in picks), *([positional] if positional else []))
+    return (canonical, *(variants[int(i)] for i in picks))
 
 
 def side_by_side(objects: Sequence[ShapeObject]) -> bool:
     """Two shapes whose centres are far enough apart in x to call one left and the other right."""
     return len(objects) == 2 and abs(objects[0].cx - objects[1].cx) >= SIDE_MIN_DX
-
-
-def positional_caption(objects: Sequence[ShapeObject]) -> str | None:
-    """'a red circle on the left and a blue square on the right' for two shapes side by side, else None.
-
-    Stage 0 grounds each phrase of a caption in the patches it attends to; a phrase that names a side can only be
-    matched by patch features that carry where they are, which is what left/right questions need."""
-    if not side_by_side(objects):
-        return None
-    left, right = sorted(objects, key=lambda o: o.cx)
-    return f"{left.phrase()} on the left and {right.phrase()} on the right"
 
 
 def questions_for(objects: Sequence[ShapeObject], rng: np.random.Generator | None = None,
