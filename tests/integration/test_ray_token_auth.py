@@ -223,14 +223,19 @@ print(f"niceness={os.nice(0)},{niceness}")
 niceness."""
 
 
-def job_niceness(dashboard: int, home: Path) -> list[int]:
-    """[the driver's niceness, a worker's niceness] in a job submitted to the head on `dashboard`."""
+def which_cluster_line(dashboard: int, home: Path, key: str) -> list[str]:
+    """The comma-separated values of WHICH_CLUSTER's `key=` line, from a job submitted to the head on `dashboard`."""
     result = subprocess.run([str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
                              sys.executable, "-c", WHICH_CLUSTER], env=clean_env(home, RAY_AUTH_MODE="token"),
                             cwd=home, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("niceness="))
-    return [int(v) for v in line.split("=", 1)[1].split(",")]
+    line = next(line for line in result.stdout.splitlines() if line.startswith(f"{key}="))
+    return line.split("=", 1)[1].split(",")
+
+
+def job_niceness(dashboard: int, home: Path) -> list[int]:
+    """[the driver's niceness, a worker's niceness] in a job submitted to the head on `dashboard`."""
+    return [int(v) for v in which_cluster_line(dashboard, home, "niceness")]
 
 
 def test_the_demo_heads_workers_run_at_normal_priority(token_head):
@@ -241,12 +246,7 @@ def test_the_demo_heads_workers_run_at_normal_priority(token_head):
 
 def job_sees_address(dashboard: int, home: Path) -> list[str]:
     """[driver's RAY_ADDRESS, a worker's RAY_ADDRESS] of a job submitted to the head on `dashboard`."""
-    result = subprocess.run([str(RAY), "job", "submit", "--address", f"http://127.0.0.1:{dashboard}", "--",
-                             sys.executable, "-c", WHICH_CLUSTER], env=clean_env(home, RAY_AUTH_MODE="token"),
-                            cwd=home, capture_output=True, text=True, timeout=180)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    line = next(line for line in result.stdout.splitlines() if line.startswith("addresses="))
-    return line.split("=", 1)[1].split(",")
+    return which_cluster_line(dashboard, home, "addresses")
 
 
 def test_two_default_heads_side_by_side_each_run_their_own_jobs(token_head):
