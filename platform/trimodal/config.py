@@ -254,6 +254,9 @@ class StageConfig:
     """Optimizer steps."""
     batch_size: int = 8
     """Examples per step per worker."""
+    length_window: int = 1
+    """Stages 1-2: each batch is cut from this many batches' rows sorted by token count, so less of it is padding
+    (1: batches as drawn)."""
     lr: float = 1e-4
     """Peak learning rate."""
     lora_lr: Optional[float] = None
@@ -292,6 +295,7 @@ class StageConfig:
     def validate(self, path: str) -> None:
         _check_range(f"{path}.steps", self.steps, 1)
         _check_range(f"{path}.batch_size", self.batch_size, 1)
+        _check_range(f"{path}.length_window", self.length_window, 1)
         _check_range(f"{path}.lr", self.lr, 0.0)
         if self.lora_lr is not None:
             _check_range(f"{path}.lora_lr", self.lora_lr, 0.0)

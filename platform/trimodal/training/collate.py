@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from trimodal.models.chat import IGNORE_INDEX, IMAGE_MARKER, Turn, encode_conversation
+from trimodal.models.chat import IGNORE_INDEX, IMAGE_MARKER, Encoded, Turn, encode_conversation
 
 
 @dataclass
@@ -52,8 +52,20 @@ def pad_batch(encoded: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, t
     return ids, mask, labels
 
 
+@dataclass
+class Example:
+    """One encoded training row."""
+
+    encoded: Encoded
+    """Token ids and labels, image placeholders expanded."""
+    features: np.ndarray | None
+    """[N, D] the row's CLIP features (None: a text-only row)."""
+
+
 class Collator:
-    """Picklable collate function for `iter_torch_batches`: numpy column batches -> `Batch` tensors."""
+    """Picklable collate function for `iter_torch_batches`: numpy column batches -> `Batch` tensors.
+
+    `encode` and `collate` are its two halves, for callers that regroup encoded rows by length in between."""
 
     def __init__(self, tokenizer, num_patches: int, image_end_id: int, max_length: int, caption_prompt: str):
         self.tokenizer = tokenizer
@@ -63,6 +75,10 @@ class Collator:
         self.caption_prompt = caption_prompt
 
     def __call__(self, rows: dict[str, Any]) -> Batch:
+        return self.collate(self.encode(rows))
+
+    def encode(self, rows: dict[str, Any]) -> list[Example]:
+        """Numpy column batch (stage 1: caption rows, stage 2: conversation rows) -> one `Example` per row."""
         embeddings = rows["embedding"]
         if "caption" in rows:
             convs = [caption_turns(c, self.caption_prompt) for c in rows["caption"]]
@@ -70,9 +86,23 @@ class Collator:
         else:
             has_image = [e is not None for e in embeddings]
             convs = [conversation_turns(list(t), h) for t, h in zip(rows["turns"], has_image)]
-        encoded = [encode_conversation(self.tokenizer, turns, self.num_patches, self.image_end_id,
-                                       max_length=self.max_length) for turns in convs]
-        ids, mask, labels = pad_batch(encoded, self.tokenizer.pad_token_id)
-        images = [np.asarray(e, dtype=np.float32) for e, h in zip(embeddings, has_image) if h]
+        return [Example(encode_conversation(self.tokenizer, turns, self.num_patches, self.image_end_id,
+                                            max_length=self.max_length),
+                        np.asarray(e, dtype=np.float32) if h else None)
+                for turns, e, h in zip(convs, embeddings, has_image)]
+
+    def collate(self, examples: list[Example]) -> Batch:
+        """Right-padded batch of `examples`, their images stacked in order of appearance."""
+        ids, mask, labels = pad_batch([e.encoded for e in examples], self.tokenizer.pad_token_id)
+        images = [e.features for e in examples if e.features is not None]
         features = torch.from_numpy(np.stack(images)) if images else None  # [n_images, N, D]
         return Batch(ids, mask, labels, features)
+
+
+def length_batches(examples: list[Example], batch_size: int, rng: np.random.Generator) -> list[list[Example]]:
+    """Batches of similar length: `examples` sorted by token count, cut into `batch_size` runs (a shorter rest is
+    dropped), the batches in an order `rng` shuffles, so that short and long batches interleave in training."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i].encoded.input_ids))
+    batches = [[examples[i] for i in order[start:start + batch_size]]
+               for start in range(0, len(order) - batch_size + 1, batch_size)]
+    return [batches[int(i)] for i in rng.permutation(len(batches))]

@@ -24,8 +24,8 @@ from trimodal.training.collate import Batch, Collator
 from trimodal.training.metrics import MetricsLog, record_worker
 from trimodal.training.policies import StageModel, param_groups, stage1_model, stage2_model
 from trimodal.training.samples import print_samples
-from trimodal.training.scaffold import (StepReporter, iterate_batches, lr_lambdas, restored_checkpoint, start_worker,
-                                        worker_device)
+from trimodal.training.scaffold import (StepReporter, iterate_length_batches, lr_lambdas, restored_checkpoint,
+                                        start_worker, worker_device)
 from trimodal.training.step import train_step, use_autocast
 
 
@@ -113,7 +113,8 @@ def train_loop(config: dict) -> None:
     ).get_world_size() > 1 else stage_model.model
     collate = Collator(stage_model.tokenizer, options.num_patches, stage_model.image_end_id, cfg.data.max_length,
                        cfg.data.caption_prompt)
-    batches = iterate_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size, state, stage.seed)
+    batches = iterate_length_batches(ray.train.get_dataset_shard("train"), collate, stage.batch_size,
+                                     stage.length_window, state, stage.seed)
     autocast = use_autocast(stage, device)
     reporter = StepReporter(stage, log, scheduler,
                             lambda d: save_training_state(d, stage_model.model, optimizer, scheduler, state, cfg))

@@ -4,7 +4,8 @@ Driver side: where a run keeps its checkpoints (`run_config`), how many workers 
 and the refusal to start a fresh run over a run's checkpoints (`check_resume`).
 
 Worker side: the seeded worker start (`start_worker`), the checkpoint Ray Train hands over (`restored_checkpoint`),
-the learning-rate schedule (`lr_lambda`), the resumable batch stream (`iterate_batches`), the optimizer step
+the learning-rate schedule (`lr_lambda`), the resumable batch streams (`iterate_batches`, and
+`iterate_length_batches` with batches of similar length), the optimizer step
 (`step.py`: `optimizer_step`) and what ends every step (`StepReporter`: data position, metrics line, report, checkpoint).
 """
 
@@ -14,17 +15,19 @@ import math
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 
 from trimodal.config import StageConfig
 from trimodal.training.checkpoint import TrainState
+from trimodal.training.collate import Batch, Collator, length_batches
 from trimodal.training.metrics import ATTEMPTS_FILE, WORKERS_FILE, MetricsLog
 
 RAY_RUN_NAME = "train"
@@ -144,24 +147,50 @@ def lr_lambdas(stage: StageConfig, groups: int) -> list:
     return [schedule, adapters][:groups]
 
 
-def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: int) -> Iterator[tuple[int, int, Any]]:
-    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed.
-
-    Each epoch is locally shuffled with its own seed, so a resumed run sees the batches an uninterrupted one would.
-    """
+def _resumable(epoch_batches: Callable[[int], Iterable[Any]], start: TrainState,
+               batch_size: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index, batch) forever from `epoch_batches(epoch)`, skipping what a resumed run consumed."""
     epoch, skip = start.epoch, start.batch_in_epoch
     while True:
-        batches = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                           local_shuffle_buffer_size=max(1024, batch_size * 16),
-                                           local_shuffle_seed=seed + epoch)
         produced = False
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(epoch_batches(epoch)):
             produced = True
             if index >= skip:
                 yield epoch, index, batch
         if not produced:
             raise RuntimeError(f"the training shard has fewer than {batch_size} rows: lower --batch-size")
         epoch, skip = epoch + 1, 0
+
+
+def iterate_batches(shard, collate, batch_size: int, start: TrainState, seed: int) -> Iterator[tuple[int, int, Any]]:
+    """(epoch, batch index, batch) forever, skipping what a resumed run already consumed.
+
+    Each epoch is locally shuffled with its own seed, so a resumed run sees the batches an uninterrupted one would.
+    """
+    def epoch_batches(epoch: int) -> Iterable[Any]:
+        return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                        local_shuffle_buffer_size=max(1024, batch_size * 16),
+                                        local_shuffle_seed=seed + epoch)
+
+    return _resumable(epoch_batches, start, batch_size)
+
+
+def iterate_length_batches(shard, collator: Collator, batch_size: int, window: int, start: TrainState,
+                           seed: int) -> Iterator[tuple[int, int, Batch]]:
+    """`iterate_batches` with less padding: the rows of each `window` batches are sorted by token count and cut into
+    batches (`length_batches`), whose order within the window is shuffled. A window of 1 keeps batches as drawn.
+
+    Every order is seeded by (seed, epoch), so a resumed run still sees the batches an uninterrupted one would.
+    """
+    def epoch_batches(epoch: int) -> Iterator[Batch]:
+        rng = np.random.default_rng([seed, epoch])
+        for rows in shard.iter_batches(batch_size=batch_size * window, batch_format="numpy",
+                                       local_shuffle_buffer_size=max(1024, batch_size * 16),
+                                       local_shuffle_seed=seed + epoch):
+            for examples in length_batches(collator.encode(rows), batch_size, rng):
+                yield collator.collate(examples)
+
+    return _resumable(epoch_batches, start, batch_size)
 
 
 def report(metrics: dict, with_checkpoint: bool, save: Callable[[Path], None]) -> None:
