@@ -60,10 +60,8 @@ def questions_for(objects: Sequence[ShapeObject], rng: np.random.Generator | Non
                   held_out: float = 0.0) -> list[Question]:
     """Every applicable question, each worded from the held-out set with chance `held_out` (else the seen set):
     colour of a shape only if that shape is unique in the image, shape of a colour only if that colour is unique,
-    count, describe, a yes/no question (yes or no by a coin flip; on two shapes a second one with the other answer),
-    and for two shapes clearly apart in x the colour of the left one and of the right one. Both answers are asked
-    about one image so that only telling its two shapes apart answers both (docs/training.md, "Binding").
-    `rng` (default: seed 0) picks wordings, answers and targets."""
+    count, describe, one yes/no question (yes or no by a coin flip), and for two shapes clearly apart in x the
+    colour of the left or the right one. `rng` (default: seed 0) picks wordings, answers and targets."""
     rng = np.random.default_rng(0) if rng is None else rng
     objects = list(objects)
     shape_counts = Counter(o.shape for o in objects)
@@ -72,11 +70,9 @@ def questions_for(objects: Sequence[ShapeObject], rng: np.random.Generator | Non
     out += [_shape_question(rng, held_out, o, len(objects) == 1) for o in objects if color_counts[o.color] == 1]
     out.append(_count_question(rng, held_out, len(objects)))
     out.append(_describe_question(rng, held_out, objects))
-    out.append(_exists_question(rng, held_out, objects, yes=bool(rng.random() < 0.5)))
-    if len(objects) == 2:
-        out.append(_exists_question(rng, held_out, objects, yes=out[-1].expected == "no"))
+    out.append(_exists_question(rng, held_out, objects))
     if side_by_side(objects):
-        out += [_side_question(rng, held_out, objects, side) for side in ("left", "right")]
+        out.append(_side_question(rng, held_out, objects))
     return out
 
 
@@ -126,14 +122,14 @@ def _describe_question(rng: np.random.Generator, held_out: float, objects: Seque
     return Question("describe", template, answer, caption, phrasing_set)
 
 
-def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject],
-                     yes: bool) -> Question:
-    """'Is there a red circle?': `yes` about a drawn object, else no about a plausible other one (a drawn colour
-    with another shape, or a drawn shape with another colour)."""
+def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
+    """'Is there a red circle?': yes about a drawn object, or no about a plausible other one (a drawn colour with
+    another shape, or a drawn shape with another colour)."""
     phrasing_set, template = _wording(rng, "exists", held_out)
     present = {(o.color, o.shape) for o in objects}
     base = objects[int(rng.integers(len(objects)))]
     color, shape = base.color, base.shape
+    yes = bool(rng.random() < 0.5)
     if not yes:
         if rng.random() < 0.5:
             options = [(color, s) for s in SHAPES if (color, s) not in present]
@@ -145,9 +141,10 @@ def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequenc
     return Question("exists", template.format(item=item), answer, "yes" if yes else "no", phrasing_set)
 
 
-def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject], side: str) -> Question:
-    """The colour of the `side` ("left" or "right") shape, by centre x, of a two-shape image."""
+def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:
+    """The colour of the left or the right shape (by centre x) of a two-shape image."""
     phrasing_set, template = _wording(rng, "side", held_out)
+    side = _pick(rng, ("left", "right"))
     obj = min(objects, key=lambda o: o.cx) if side == "left" else max(objects, key=lambda o: o.cx)
     words = {"side": side, "color": obj.color, "Color": _capital(obj.color), "shape": obj.shape}
     answer = _pick(rng, ANSWERS["side"]).format(**words)
@@ -155,22 +152,13 @@ def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[
 
 
 def group_questions(rng: np.random.Generator, questions: list[Question]) -> tuple[tuple[Question, ...], ...]:
-    """Shuffle the questions into conversations of 2-4 turns, covering every question once: as few conversations
-    as fit, or one more, by a coin flip where both can be made."""
+    """Shuffle the questions into one or two conversations of 2-4 turns, covering every question once."""
     n = len(questions)
-    fewest = -(-n // 4)
-    counts = [k for k in (fewest, fewest + 1) if _compositions(n, k)]
-    if not counts:
-        raise ValueError(f"cannot group {n} questions into conversations of 2-4 turns")
-    options = _compositions(n, counts[int(rng.integers(len(counts)))])
+    options = [[n]] if 2 <= n <= 4 else []
+    options += [[a, n - a] for a in range(2, 5) if 2 <= n - a <= 4]
+    if not options:  # pragma: no cover - at most 6 questions exist for two shapes
+        raise RuntimeError(f"cannot group {n} questions into conversations of 2-4 turns")
     sizes = options[int(rng.integers(len(options)))]
     order = [questions[int(i)] for i in rng.permutation(n)]
     starts = np.cumsum([0, *sizes])
     return tuple(tuple(order[s:e]) for s, e in zip(starts[:-1], starts[1:], strict=True))
-
-
-def _compositions(n: int, parts: int) -> list[tuple[int, ...]]:
-    """Every ordered way to write n as `parts` sizes of 2-4."""
-    if parts <= 1:
-        return [(n,)] if 2 <= n <= 4 else []
-    return [(k, *rest) for k in (2, 3, 4) for rest in _compositions(n - k, parts - 1)]

@@ -35,7 +35,7 @@ class ShapeSample:
     captions: tuple[str, ...]
     """The canonical caption first, then paraphrases."""
     conversations: tuple[tuple[Question, ...], ...]
-    """Conversations of 2-4 turns (one to three), each question of the image asked once."""
+    """One or two conversations of 2-4 turns, each question of the image asked once."""
 
     @property
     def file_name(self) -> str:

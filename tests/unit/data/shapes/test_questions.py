@@ -6,11 +6,8 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-import numpy as np
-import pytest
-
 from trimodal.data.shapes.drawing import render
-from trimodal.data.shapes.questions import Question, caption_for, group_questions, side_by_side
+from trimodal.data.shapes.questions import caption_for
 from trimodal.data.shapes.samples import sample_image
 from trimodal.data.shapes.vocabulary import COLORS, PHRASINGS
 from trimodal.evaluation.scoring import answer_correct, tokens
@@ -56,32 +53,3 @@ def test_wordings_answers_and_first_turns_are_varied_and_yes_no_is_balanced() ->
     assert set(first) == set(PHRASINGS) and min(first.values()) > 15
     answers = Counter(q.expected for q in questions if q.type == "exists")
     assert abs(answers["yes"] - answers["no"]) < 0.15 * len(samples)
-
-
-def test_two_shapes_are_asked_both_sides_and_a_yes_and_a_no() -> None:
-    pairs = [s for s in (sample_image(0, "train", i) for i in range(200)) if len(s.objects) == 2]
-    apart = [s for s in pairs if side_by_side(s.objects)]
-    assert len(apart) > 10
-    for sample in pairs:
-        asked = [q for conv in sample.conversations for q in conv]
-        assert sorted(q.expected for q in asked if q.type == "exists") == ["no", "yes"]
-        sides = [q for q in asked if q.type == "side"]
-        if sample in apart:
-            left, right = sorted(sample.objects, key=lambda o: o.cx)
-            assert sorted((("left" in q.question), q.expected) for q in sides) == sorted(
-                [(True, left.color), (False, right.color)])
-        else:
-            assert sides == []
-
-
-def test_ten_questions_make_three_or_four_conversations_of_two_to_four_turns() -> None:
-    questions = [Question("count", f"q{i}", "a", "one") for i in range(10)]
-    seen = set()
-    for seed in range(40):
-        conversations = group_questions(np.random.default_rng(seed), questions)
-        assert all(2 <= len(c) <= 4 for c in conversations)
-        assert sorted(q.question for c in conversations for q in c) == sorted(q.question for q in questions)
-        seen.add(len(conversations))
-    assert seen == {3, 4}
-    with pytest.raises(ValueError, match="2-4 turns"):
-        group_questions(np.random.default_rng(0), questions[:1])
