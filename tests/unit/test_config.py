@@ -118,3 +118,9 @@ def test_a_yaml_mistake_is_one_line_naming_the_file_line_and_column(tmp_path):
     with pytest.raises(ConfigError) as err:
         load_config("test", ["serving.port=[1"])
     assert "\n" not in str(err.value) and str(err.value).startswith("override 'serving.port=[1':1:")
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_length_window_must_be_positive(window):
+    with pytest.raises(ConfigError, match="length_window"):
+        load_config("cpu", [f"stage2.length_window={window}"])

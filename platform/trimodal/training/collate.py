@@ -63,9 +63,8 @@ class Example:
 
 
 class Collator:
-    """Picklable collate function for `iter_torch_batches`: numpy column batches -> `Batch` tensors.
-
-    `encode` and `collate` are its two halves, for callers that regroup encoded rows by length in between."""
+    """Numpy column batches of the preprocessed tables -> `Batch` tensors, in two halves (`encode` rows, `collate`
+    examples), so that the batch stream can regroup encoded rows by length in between."""
 
     def __init__(self, tokenizer, num_patches: int, image_end_id: int, max_length: int, caption_prompt: str):
         self.tokenizer = tokenizer
@@ -73,9 +72,6 @@ class Collator:
         self.image_end_id = image_end_id
         self.max_length = max_length
         self.caption_prompt = caption_prompt
-
-    def __call__(self, rows: dict[str, Any]) -> Batch:
-        return self.collate(self.encode(rows))
 
     def encode(self, rows: dict[str, Any]) -> list[Example]:
         """Numpy column batch (stage 1: caption rows, stage 2: conversation rows) -> one `Example` per row."""

@@ -1,7 +1,6 @@
 """Parquet rows -> training batches: encoding, padding, and batches cut by length."""
 
 import numpy as np
-import pytest
 
 from trimodal.models.chat import IMAGE_TOKEN_ID
 from trimodal.training.collate import Collator, length_batches
@@ -61,10 +60,3 @@ def test_too_few_rows_give_no_batch(tiny_lm):
     _, tok = tiny_lm
     assert length_batches(_collator(tok).encode(_rows(2)), 3, np.random.default_rng(0)) == []
 
-
-@pytest.mark.parametrize("window", [0, -1])
-def test_length_window_must_be_positive(window):
-    from trimodal.config import ConfigError, load_config
-
-    with pytest.raises(ConfigError, match="length_window"):
-        load_config("cpu", [f"stage2.length_window={window}"])
