@@ -168,8 +168,8 @@ class ModelConfig:
     projector_seed: int = 0
     """Seed for the projector's initialisation."""
     projector_positions: bool = False
-    """The projector adds a learned embedding per patch position to the features (for a tower whose patch features
-    do not say where they are)."""
+    """The projector normalises the features and adds a learned embedding per patch position, started as its column
+    and row (for a tower whose patch features do not say where they are)."""
 
     def projector_positions_for(self, num_patches: int) -> int:
         """The projector's `positions` for a tower of `num_patches` patches (0: none)."""

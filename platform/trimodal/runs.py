@@ -122,16 +122,18 @@ def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0,
     """(projector, trained): the run's weights (safetensors only) or a fresh seeded one with `positions` (see
     `Projector`); RunLoadError when the run's projector is missing, unreadable or of other shapes.
 
-    A run's projector keeps the layout it was trained with: it has position embeddings exactly when its file
-    does, whatever the serving preset says, so runs trained with and without them serve side by side."""
+    A run's projector keeps the layout it was trained with: it has position embeddings (and normalises the features
+    before them) exactly when its file does, whatever the serving preset says, so runs trained with and without
+    them serve side by side."""
     if run.directory is None:
         return build_projector(vision_dim, lm_hidden, seed, positions), False
     file = run.directory / "projector.safetensors"
     check_safetensors(file, "projector.safetensors")
     try:
         with safe_open(str(file), framework="pt") as handle:
-            saved = handle.get_slice("position").get_shape()[0] if "position" in handle.keys() else 0
-        projector = build_projector(vision_dim, lm_hidden, seed, saved)
+            keys = set(handle.keys())
+            saved = handle.get_slice("position").get_shape()[0] if "position" in keys else 0
+        projector = build_projector(vision_dim, lm_hidden, seed, saved, "feature_norm.weight" in keys)
         projector.load_state_dict(load_file(str(file)), strict=True)
     except (OSError, SafetensorError) as exc:  # truncated after its header
         raise RunLoadError(f"projector.safetensors cannot be read ({_fault(exc, run.directory)})") from None

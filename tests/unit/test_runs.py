@@ -88,23 +88,24 @@ def test_a_run_finished_again_in_place_is_loaded_afresh(test_cfg, runs, tmp_path
     assert adapters.names([before]) != adapters.names([after]) and adapters.loads == 2
 
 
-@pytest.mark.parametrize("saved, asked", [(0, 49), (49, 0), (49, 49)])
-def test_a_runs_projector_keeps_the_position_layout_it_was_trained_with(tmp_path, saved, asked):
-    """Whether a trained projector has position embeddings follows its file, not the serving preset; a fresh one
-    follows what it is asked."""
+@pytest.mark.parametrize("saved, normalised, asked", [(0, True, 49), (49, True, 0), (49, True, 49), (49, False, 49)])
+def test_a_runs_projector_keeps_the_position_layout_it_was_trained_with(tmp_path, saved, normalised, asked):
+    """Whether a trained projector has position embeddings, and normalises the features before them, follows its
+    file, not the serving preset; a fresh one follows what it is asked."""
     import torch
     from safetensors.torch import save_file
 
     from trimodal.models.projector import build_projector
     from trimodal.runs import RunInfo, load_projector
 
-    trained = build_projector(8, 16, seed=1, positions=saved)
+    trained = build_projector(8, 16, seed=1, positions=saved, feature_norm=normalised)
     if saved:
         with torch.no_grad():
             trained.position.normal_()
     save_file(trained.state_dict(), str(tmp_path / "projector.safetensors"))
     loaded, was_trained = load_projector(RunInfo(tmp_path, None, False), 8, 16, positions=asked)
     assert was_trained and loaded.positions == saved
+    assert set(loaded.state_dict()) == set(trained.state_dict())
     x = torch.randn(1, 49, 8)
     assert torch.equal(loaded(x), trained(x))
     fresh, was_trained = load_projector(RunInfo(None, None, False), 8, 16, positions=asked)
