@@ -137,7 +137,7 @@ def load_projector(run: RunInfo, vision_dim: int, lm_hidden: int, seed: int = 0,
         projector.load_state_dict(load_file(str(file)), strict=True)
     except (OSError, SafetensorError) as exc:  # truncated after its header
         raise RunLoadError(f"projector.safetensors cannot be read ({_fault(exc, run.directory)})") from None
-    except RuntimeError as exc:  # load_state_dict: missing keys or a size mismatch
+    except (RuntimeError, ValueError) as exc:  # missing keys, a size mismatch, positions that fill no square grid
         raise RunLoadError(f"projector.safetensors does not fit this model ({_fault(exc, run.directory)})") from None
     return projector, True
 

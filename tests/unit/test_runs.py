@@ -110,3 +110,19 @@ def test_a_runs_projector_keeps_the_position_layout_it_was_trained_with(tmp_path
     assert torch.equal(loaded(x), trained(x))
     fresh, was_trained = load_projector(RunInfo(None, None, False), 8, 16, positions=asked)
     assert not was_trained and fresh.positions == asked
+
+
+def test_a_projector_file_whose_positions_fill_no_square_grid_is_refused_as_not_fitting(tmp_path):
+    """A file whose position embeddings cannot be a patch grid (50 rows) is a RunLoadError that names the file, as
+    any other projector of the wrong shapes is, not a bare ValueError."""
+    import torch
+    from safetensors.torch import save_file
+
+    from trimodal.models.projector import build_projector
+    from trimodal.runs import RunInfo, RunLoadError, load_projector
+
+    weights = build_projector(8, 16, seed=1, positions=49).state_dict()
+    weights["position"] = torch.cat([weights["position"], weights["position"][:1]])  # [49, 8] -> [50, 8]
+    save_file(weights, str(tmp_path / "projector.safetensors"))
+    with pytest.raises(RunLoadError, match="projector.safetensors does not fit this model"):
+        load_projector(RunInfo(tmp_path, None, False), 8, 16, positions=49)
