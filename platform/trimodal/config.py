@@ -289,6 +289,9 @@ class StageConfig:
     """Steps between sample predictions on held-out images (0: never)."""
     autocast_bf16: bool = False
     """Run forward passes under bfloat16 autocast where bf16 is native (GPU, CPUs with AMX/AVX512-BF16); else fp32."""
+    compile_layers: bool = False
+    """Stages 1-2: compile each of the LM's decoder layers with torch.compile (inductor; on CPU it needs a C++
+    compiler, on CUDA triton; without one the layers run eager). The first step pays the compile."""
     seed: int = 0
     """Seed for initialisation, shuffling and dropout."""
 

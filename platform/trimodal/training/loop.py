@@ -26,7 +26,7 @@ from trimodal.training.policies import StageModel, param_groups, stage1_model, s
 from trimodal.training.samples import print_samples
 from trimodal.training.scaffold import (StepReporter, iterate_length_batches, lr_lambdas, restored_checkpoint,
                                         start_worker, worker_device)
-from trimodal.training.step import train_step, use_autocast
+from trimodal.training.step import compile_decoder_layers, train_step, use_autocast
 
 
 @dataclass
@@ -109,6 +109,7 @@ def train_loop(config: dict) -> None:
     stage_model, optimizer, scheduler, state = _restore(cfg, options, stage, device)
     log = MetricsLog(Path(options.run_dir), enabled=rank == 0)
     log.start(options.stage, stage_model.trainable, stage_model.total, state.step, stage.steps)
+    compile_decoder_layers(stage_model.model.lm, stage, device)
     model = ray.train.torch.prepare_model(stage_model.model, move_to_device=False) if ray.train.get_context(
     ).get_world_size() > 1 else stage_model.model
     collate = Collator(stage_model.tokenizer, options.num_patches, stage_model.image_end_id, cfg.data.max_length,
@@ -121,7 +122,8 @@ def train_loop(config: dict) -> None:
 
     def print_due_samples() -> None:
         if rank == 0 and stage.sample_every and state.step % stage.sample_every == 0:
-            print_samples(stage_model, config.get("samples", []), options, state.step, device)
+            with torch.compiler.set_stance("force_eager"):  # generation's cached shapes would compile a second graph
+                print_samples(stage_model, config.get("samples", []), options, state.step, device)
 
     started_at, losses, data = state.step, [], hashlib.sha256()
     while state.step < stage.steps:

@@ -1,8 +1,10 @@
-"""One optimizer step of stages 1 and 2, and when it runs under bf16 autocast. No Ray: the worker loop
+"""One optimizer step of stages 1 and 2, when it runs under bf16 autocast, and when its LM layers are compiled. No Ray: the worker loop
 (`loop.py`), stage 0 (`clip.py`) and the benchmarks (`bench/train_step.py`, `bench/gpu_check.py`) run the same step."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Iterable
 
 import torch
@@ -20,6 +22,34 @@ def use_autocast(stage: StageConfig, device) -> bool:
         return True
     print(f"[train] autocast_bf16 requested, but {device} has no native bfloat16: training in float32", flush=True)
     return False
+
+
+def compiler_missing(device) -> str | None:
+    """Why torch.compile's inductor cannot build kernels for `device` here (None: it can)."""
+    if str(device).startswith("cuda"):
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "triton is not installed"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx}; set CXX to choose one)"
+
+
+def compile_decoder_layers(lm: torch.nn.Module, stage: StageConfig, device) -> bool:
+    """Compile each decoder layer of `lm` in place when the stage asks for it and inductor can build kernels here.
+
+    One layer at a time, not the whole model: the layers share their code, so one graph (dynamic in batch and
+    sequence length) serves all of them and compiles in well under a minute on 2 cores, and parameter names stay as
+    they are (checkpoints and adapters are unchanged). Returns whether the layers were compiled.
+    """
+    if not stage.compile_layers:
+        return False
+    missing = compiler_missing(device)
+    if missing:
+        print(f"[train] compile_layers requested, but {missing}: the layers run eager", flush=True)
+        return False
+    for layer in lm.get_decoder().layers:
+        layer.compile(dynamic=True)
+    return True
 
 
 def bf16_autocast(enabled: bool, device) -> torch.autocast:
