@@ -11,9 +11,11 @@ answers as targets where the set's answers sit: `make_batch`). Rows add one chan
   + eager          the plain-matmul attention kernel instead of sdpa
   + no dropout     LoRA dropout 0 (stage 2 only: PyTorch draws dropout masks slowly on CPU)
   + plain LoRA     stage 2 only: LoRA on the float32 base instead of the 4-bit NF4 one (no dequantisation)
+  + compiled       each LM decoder layer compiled by torch.compile (`compile_layers`; stage 1: on the eager row)
   attn-only LoRA   stage 2 only, a candidate not taken: LoRA on q/k/v/o only (the MLP's adapters dropped)
 
-The ratio column is each row's step time over the first row's, measured in the same run.
+The ratio column is each row's step time over the first row's, measured in the same run; the first step (not
+timed in the median) shows what a row pays once, such as the compile.
 
     python bench/train_step.py --preset cpu            # SmolLM2-135M, about 3 minutes on 2 cores
     python bench/train_step.py --preset test --steps 2 # tiny random models: checks it works
@@ -33,7 +35,7 @@ from trimodal.models.chat import IGNORE_INDEX, IMAGE_TOKEN_ID
 from trimodal.runs import RunInfo
 from trimodal.training.collate import Batch
 from trimodal.hardware import native_bf16
-from trimodal.training.step import bf16_autocast, train_step
+from trimodal.training.step import bf16_autocast, compile_decoder_layers, train_step
 from trimodal.training.policies import stage1_model, stage2_model
 
 BATCH, PATCHES = 8, 49
@@ -97,16 +99,18 @@ def time_stage0(cfg: TrimodalConfig, autocast: bool, steps: int) -> float:
 def variant(cfg: TrimodalConfig, eager: bool, dropout: float, extra: tuple[str, ...] = ()) -> TrimodalConfig:
     kernel = "eager" if eager else "sdpa"
     return load_config(cfg.name, [f"model.language_model.attn_implementation={kernel}", f"lora.dropout={dropout}",
-                                  *extra])
+                                  "stage1.compile_layers=false", "stage2.compile_layers=false", *extra])
 
 
-def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int, steps: int) -> tuple[float, int]:
-    """Median seconds per optimizer step (after one warm-up step) and tokens per batch."""
+def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int,
+               steps: int) -> tuple[float, int, float]:
+    """Median seconds per optimizer step (after one warm-up step), tokens per batch, and the warm-up step's seconds."""
     if stage == 1:
         stage_model = stage1_model(cfg, vision_dim, num_patches=PATCHES)
     else:
         stage_model = stage2_model(cfg, vision_dim, RunInfo(None, None, False), quantize=cfg.quant.load_in_4bit,
                                    num_patches=PATCHES)
+    compile_decoder_layers(stage_model.model.lm, cfg.stage1 if stage == 1 else cfg.stage2, "cpu")
     params = [p for p in stage_model.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
@@ -117,7 +121,7 @@ def time_steps(cfg: TrimodalConfig, stage: int, autocast: bool, vision_dim: int,
         start = time.perf_counter()
         train_step(stage_model.model, batch, optimizer, scheduler, autocast, "cpu")
         times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]), int(batch.attention_mask.sum())
+    return statistics.median(times[1:]), int(batch.attention_mask.sum()), times[0]
 
 
 def main() -> None:
@@ -131,25 +135,29 @@ def main() -> None:
     vision_dim = base.model.vision.random_shape.hidden_size
     nf4, plain = ("quant.load_in_4bit=true",), ("quant.load_in_4bit=false",)
     attention = ("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]",)
-    rows = [("sdpa fp32", False, False, 0.05, nf4), ("+ bf16 autocast", False, True, 0.05, nf4),
-            ("+ eager", True, True, 0.05, nf4), ("+ no dropout", True, True, 0.0, nf4),
-            ("+ plain LoRA", True, True, 0.0, plain), ("attn-only LoRA", True, True, 0.0, plain + attention)]
+    compiled = ("stage1.compile_layers=true", "stage2.compile_layers=true")
+    rows = {1: [("sdpa fp32", False, False, 0.05, ()), ("+ bf16 autocast", False, True, 0.05, ()),
+                ("+ eager", True, True, 0.05, ()), ("+ compiled", True, True, 0.05, compiled)],
+            2: [("sdpa fp32", False, False, 0.05, nf4), ("+ bf16 autocast", False, True, 0.05, nf4),
+                ("+ eager", True, True, 0.05, nf4), ("+ no dropout", True, True, 0.0, nf4),
+                ("+ plain LoRA", True, True, 0.0, plain), ("+ compiled", True, True, 0.0, plain + compiled),
+                ("attn-only LoRA", True, True, 0.0, plain + attention)]}
     print(f"preset {args.preset}, {args.threads} threads, native bf16: {native_bf16('cpu')}, batch {BATCH}, "
           f"median of {args.steps} steps")
-    print(f"| stage | settings | tokens/batch | s/step | tokens/s | time vs first row |\n|---|---|---|---|---|---|")
+    print("| stage | settings | tokens/batch | s/step | tokens/s | time vs first row | first step s |\n"
+          "|---|---|---|---|---|---|---|")
     fp32 = time_stage0(base, False, args.steps)
-    print(f"| 0 | fp32 | {base.stage0.batch_size} images | {fp32:.2f} | | 1.00 |", flush=True)
+    print(f"| 0 | fp32 | {base.stage0.batch_size} images | {fp32:.2f} | | 1.00 | |", flush=True)
     bf16 = time_stage0(base, True, args.steps)
-    print(f"| 0 | + bf16 autocast | {base.stage0.batch_size} images | {bf16:.2f} | | {bf16 / fp32:.2f} |", flush=True)
+    print(f"| 0 | + bf16 autocast | {base.stage0.batch_size} images | {bf16:.2f} | | {bf16 / fp32:.2f} | |", flush=True)
     for stage in (1, 2):
         first = None
-        for name, eager, autocast, dropout, extra in rows:
-            if stage == 1 and dropout == 0.0:
-                continue  # stage 1 has no LoRA
-            seconds, tokens = time_steps(variant(base, eager, dropout, extra), stage, autocast, vision_dim, args.steps)
+        for name, eager, autocast, dropout, extra in rows[stage]:
+            seconds, tokens, warmup = time_steps(variant(base, eager, dropout, extra), stage, autocast, vision_dim,
+                                                 args.steps)
             first = first or seconds
-            print(f"| {stage} | {name} | {tokens} | {seconds:.2f} | {tokens / seconds:.0f} | {seconds / first:.2f} |",
-                  flush=True)
+            print(f"| {stage} | {name} | {tokens} | {seconds:.2f} | {tokens / seconds:.0f} | {seconds / first:.2f} "
+                  f"| {warmup:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
