@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CI_RUN = Path(__file__).resolve().parents[2] / ".ci" / "run"
-PROGRAMS = ("espeak-ng", "chromium")
+PROGRAMS = ("espeak-ng", "chromium", "g++")
 """What the tests need from Debian (program names; the packages are named alike)."""
 TOOLS = ("dirname", "env", "chmod")
 """Real programs the script and the stand-ins use."""
@@ -72,14 +72,14 @@ def test_as_root_it_installs_what_is_missing(tmp_path):
     out = run_ci(tmp_path, present=["espeak-ng"], apt="installs")
     assert out.code == 0, out
     assert out.log == [f"apt-get update -qq {NONINTERACTIVE}",
-                       f"apt-get install -y -qq --no-install-recommends chromium {NONINTERACTIVE}", *MAKE]
+                       f"apt-get install -y -qq --no-install-recommends chromium g++ {NONINTERACTIVE}", *MAKE]
 
 
 def test_with_passwordless_sudo_it_installs_what_is_missing(tmp_path):
     out = run_ci(tmp_path, apt="installs", uid=1000, sudo=True)
     assert out.code == 0, out
     assert out.log == [f"apt-get update -qq {NONINTERACTIVE}",
-                       f"apt-get install -y -qq --no-install-recommends espeak-ng chromium {NONINTERACTIVE}", *MAKE]
+                       f"apt-get install -y -qq --no-install-recommends espeak-ng chromium g++ {NONINTERACTIVE}", *MAKE]
 
 
 @pytest.mark.parametrize("case, why", [
