@@ -1,5 +1,6 @@
-"""One optimizer step of stages 1 and 2, when it runs under bf16 autocast, and when its LM layers are compiled. No Ray: the worker loop
-(`loop.py`), stage 0 (`clip.py`) and the benchmarks (`bench/train_step.py`, `bench/gpu_check.py`) run the same step."""
+"""One optimizer step of stages 1 and 2, when it runs under bf16 autocast, and when its LM layers are compiled.
+No Ray: the worker loop (`loop.py`), stage 0 (`clip.py`) and the benchmarks (`bench/train_step.py`,
+`bench/gpu_check.py`) run the same step."""
 
 from __future__ import annotations
 
