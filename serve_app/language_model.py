@@ -96,17 +96,19 @@ class LanguageModel:
         self.adapters = RunAdapters(self.generator, cfg.serving.max_loaded_runs)
         default = default_run_bundle(run_dir)
         self.adapters.load(default)
+        dtype = next(self.generator.lm.parameters()).dtype
         if test_token_delay_s > 0:
             self.generator = steady_generator(self.generator, test_token_delay_s)
         self.info = {"language_model": source_label(cfg.model.language_model.source),
-                     "adapter": bool(default and default.adapter), "dtype": cfg.model.language_model.dtype,
+                     "adapter": bool(default and default.adapter), "dtype": str(dtype).removeprefix("torch."),
                      "engine": "builtin"}
         self.counters = {"prompts": 0, "requests": 0, "batches": 0, "largest_batch": 0, "cancelled": 0, "active": 0}
         self.metrics = LanguageModelMetrics()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode")
 
     def describe(self) -> dict:
-        """The LM's source, whether the default run brings an adapter, the configured dtype, engine "builtin"."""
+        """The LM's source, whether the default run brings an adapter, the dtype it runs in (serving.dtype), engine
+        "builtin"."""
         return dict(self.info)
 
     def prepare(self, request: GenerationRequest) -> Prompt:

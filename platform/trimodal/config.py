@@ -390,11 +390,18 @@ class ServingConfig:
     """Per Speech / Vision replica: megabytes of transcripts and image embeddings kept for resent media (0: off)."""
     engine: str = "builtin"
     """The LanguageModel's engine: builtin (our KV-cache decoder) or vllm (continuous batching, paged KV cache)."""
+    dtype: str = "auto"
+    """The builtin engine's and evaluation's LM dtype: auto (bfloat16 where the device runs it natively, else
+    model.language_model.dtype), float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """The builtin engine's and evaluation's attention kernel (training's is model.language_model's): sdpa or eager."""
     vllm: VllmConfig = field(default_factory=VllmConfig)
     """Settings of the vllm engine."""
 
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.engine", self.engine, ENGINES)
+        _check_choice(f"{path}.dtype", self.dtype, ("auto",) + DTYPES)
+        _check_choice(f"{path}.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
         self.vllm.validate(f"{path}.vllm")
         _check_range(f"{path}.port", self.port, 1, 65535)
         _check_range(f"{path}.max_tokens_default", self.max_tokens_default, 1, self.max_tokens_limit)

@@ -21,6 +21,7 @@ the run's final/ directory and what is wrong, never a server path: the serving r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ from trimodal.inference.engine import Engine, TextGenerator
 from trimodal.inference.messages import MediaLimits
 from trimodal.inference.requests import RunBundle, prompt_token_limit
 from trimodal.lru import Lru
-from trimodal.models.language import image_end_id, load_language_model
+from trimodal.hardware import native_bf16
+from trimodal.models.language import DTYPES, image_end_id, load_language_model
 from trimodal.models.multimodal import ImageEncoder
 from trimodal.models.projector import Projector, build_projector
 from trimodal.models.vision import VisionTower, load_vision_tower
@@ -160,21 +162,40 @@ def load_image_encoder(cfg: TrimodalConfig, run: RunInfo, lm_hidden: int,
     return ImageEncoder(tower, projector.to(device), trained)
 
 
-def load_lm_for_run(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu"):
-    """(lm, tokenizer, image_end_id) with the run's LoRA adapter applied when it has one."""
-    lm, tokenizer = load_language_model(cfg.model.language_model, device=device)
+def load_lm_for_run(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu",
+                    merge_adapter: bool = False):
+    """(lm, tokenizer, image_end_id) for inference: the run's LoRA adapter applied when it has one (folded into the
+    weights with `merge_adapter`), in serving's dtype and attention kernel.
+
+    The adapter is applied (and merged) in the dtype training saw, before the cast to the inference dtype."""
+    lm_cfg = dataclasses.replace(cfg.model.language_model, attn_implementation=cfg.serving.attn_implementation)
+    lm, tokenizer = load_language_model(lm_cfg, device=device)
     if run.has_adapter:
         from peft import PeftModel
 
         lm = PeftModel.from_pretrained(lm, str(run.directory / "adapter"))
-    lm.eval().requires_grad_(False)
+        if merge_adapter:
+            lm = lm.merge_and_unload()
+    lm = lm.to(inference_dtype(cfg, device)).eval().requires_grad_(False)
     return lm, tokenizer, image_end_id(cfg.model.language_model, tokenizer)
 
 
+def inference_dtype(cfg: TrimodalConfig, device: str | torch.device) -> torch.dtype:
+    """serving.dtype for `device`: auto is bfloat16 where the device runs it natively (on CPU, 4x float32's matmul
+    throughput with AMX), else the LM's configured dtype."""
+    name = cfg.serving.dtype
+    if name == "auto":
+        name = "bfloat16" if native_bf16(device) else cfg.model.language_model.dtype
+    return DTYPES[name]
+
+
 def load_text_generator(cfg: TrimodalConfig, run: RunInfo, device: str | torch.device = "cpu",
-                        max_prompt_tokens: int | None = None) -> TextGenerator:
-    """The run's LM + adapter + tokenizer; prompts up to `max_prompt_tokens` (default `prompt_token_limit`)."""
-    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device)
+                        max_prompt_tokens: int | None = None, merge_adapter: bool = False) -> TextGenerator:
+    """The run's LM + adapter + tokenizer; prompts up to `max_prompt_tokens` (default `prompt_token_limit`).
+
+    `merge_adapter` folds the adapter into the weights: fewer operations for a generator that only ever answers
+    with this run (evaluation); serving keeps it apart, to add other runs' adapters beside it."""
+    lm, tokenizer, end_id = load_lm_for_run(cfg, run, device, merge_adapter)
     limit = max_prompt_tokens if max_prompt_tokens is not None else prompt_token_limit(cfg)
     return TextGenerator(lm, tokenizer, end_id, max_length=limit)
 

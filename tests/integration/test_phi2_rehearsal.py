@@ -54,7 +54,7 @@ NODE = (["stage1.accelerator_type=null", "stage2.accelerator_type=null"] if CUDA
         ["stage1.use_gpu=false", "stage2.use_gpu=false"]) + ["stage1.cpus_per_worker=1", "stage2.cpus_per_worker=1"]
 """The CUDA-only settings, named: the A100-40G worker (use_gpu, accelerator_type) and its 8 CPUs per worker
 become this machine's device and one CPU."""
-FLOAT32 = ["model.language_model.dtype=float32", "serving.vllm.dtype=float32"]
+FLOAT32 = ["model.language_model.dtype=float32", "serving.dtype=float32", "serving.vllm.dtype=float32"]
 """Serving only, so the two engines can be compared token for token: both decode greedily in float32."""
 JOB_TIMEOUT_S = 300
 READY_TIMEOUT_S = 300

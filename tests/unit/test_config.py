@@ -98,6 +98,10 @@ def test_engine_per_preset_and_overridable():
 
 
 def test_bad_engine_settings_name_the_field():
+    with pytest.raises(ConfigError, match=r"serving\.dtype: 'int8' is not one of auto, float32, bfloat16, float16"):
+        load_config("cpu", ["serving.dtype=int8"])
+    with pytest.raises(ConfigError, match=r"serving\.attn_implementation: 'flash' is not one of sdpa, eager"):
+        load_config("cpu", ["serving.attn_implementation=flash"])
     with pytest.raises(ConfigError, match=r"serving\.engine: 'sglang' is not one of builtin, vllm"):
         load_config("cpu", ["serving.engine=sglang"])
     with pytest.raises(ConfigError, match=r"serving\.vllm\.max_loras: 1 is out of range"):

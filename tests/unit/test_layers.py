@@ -17,7 +17,7 @@ ALLOWED = {
     "models": {"config", "files", "weights", "audio"},
     "data": {"config", "files", "models"},
     "inference": {"config", "files", "audio", "hardware", "lru", "models"},
-    "runs": {"config", "files", "weights", "lru", "models", "inference"},
+    "runs": {"config", "files", "hardware", "weights", "lru", "models", "inference"},
     "training": {"config", "files", "hardware", "models", "data", "inference", "runs"},
     "evaluation": {"config", "files", "models", "data", "inference", "runs"},
 }

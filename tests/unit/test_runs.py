@@ -1,15 +1,19 @@
 """Several runs' LoRA adapters over one base LM (`RunAdapters`): a batch that mixes base rows and rows of two runs
 gives every row exactly the greedy ids of its own model decoded alone, and the adapters are a bounded LRU that
-never evicts what the batch in hand needs."""
+never evicts what the batch in hand needs. A run's LM is loaded in serving's dtype and attention kernel, with its
+adapter merged or apart."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from trimodal.inference.generation import decode_steps
 from trimodal.inference.requests import RunBundle, SamplingParams
 from trimodal.models.chat import Turn
-from trimodal.runs import BASE_ADAPTER, RunAdapters, load_text_generator, read_run
+import trimodal.runs
+from trimodal.runs import BASE_ADAPTER, RunAdapters, inference_dtype, load_text_generator, read_run
 
 QUESTIONS = ["hello", "What color is the square?", "a b c", "count the shapes"]
 
@@ -126,3 +130,54 @@ def test_a_projector_file_whose_positions_fill_no_square_grid_is_refused_as_not_
     save_file(weights, str(tmp_path / "projector.safetensors"))
     with pytest.raises(RunLoadError, match="projector.safetensors does not fit this model"):
         load_projector(RunInfo(tmp_path, None, False), 8, 16, positions=49)
+
+
+def _serving(cfg, **changes):
+    return dataclasses.replace(cfg, serving=dataclasses.replace(cfg.serving, **changes))
+
+
+def _last_logits(generator, question: str) -> torch.Tensor:
+    embeds = generator.embed(_prompt(generator, question)).unsqueeze(0)  # [T, H] -> [1, T, H]
+    with torch.no_grad():
+        return generator.lm(inputs_embeds=embeds).logits[0, -1].float()
+
+
+def test_a_merged_adapter_answers_like_the_adapter_kept_apart(test_cfg, runs):
+    """Evaluation folds the adapter into the weights: no peft wrapper is left, and the logits are the unmerged
+    model's (float32, so only rounding differs); the control: they are not the base model's."""
+    cfg = _serving(test_cfg, dtype="float32")
+    run = read_run(runs[0].directory)
+    apart = load_text_generator(cfg, run)
+    merged = load_text_generator(cfg, run, merge_adapter=True)
+    assert hasattr(apart.lm, "peft_config") and not hasattr(merged.lm, "peft_config")
+    base = load_text_generator(cfg, read_run(None))
+    for question in QUESTIONS:
+        torch.testing.assert_close(_last_logits(merged, question), _last_logits(apart, question), rtol=1e-4,
+                                   atol=1e-4)
+        assert not torch.allclose(_last_logits(base, question), _last_logits(apart, question), atol=1e-2)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_run_is_served_in_servings_dtype_and_attention_kernel_whatever_training_used(test_cfg, runs, merge):
+    """serving.dtype and serving.attn_implementation decide the inference LM, adapter included; training's eager
+    attention does not carry over, and the bfloat16 model answers."""
+    lm_cfg = dataclasses.replace(test_cfg.model.language_model, attn_implementation="eager")
+    cfg = dataclasses.replace(test_cfg, model=dataclasses.replace(test_cfg.model, language_model=lm_cfg))
+    cfg = _serving(cfg, dtype="bfloat16", attn_implementation="sdpa")
+    generator = load_text_generator(cfg, read_run(runs[1].directory), merge_adapter=merge)
+    assert {p.dtype for p in generator.lm.parameters()} == {torch.bfloat16}
+    assert generator.lm.config._attn_implementation == "sdpa"
+    params = [SamplingParams(max_tokens=8)]
+    steps = list(decode_steps(generator.lm, [generator.embed(_prompt(generator, QUESTIONS[1]))], params,
+                              generator.eos_ids))
+    assert steps and steps[0].tokens
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_inference_dtype_is_bfloat16_only_where_the_device_runs_it_natively(test_cfg, monkeypatch, native):
+    monkeypatch.setattr(trimodal.runs, "native_bf16", lambda device: native)
+    assert inference_dtype(_serving(test_cfg, dtype="auto"), "cpu") == (torch.bfloat16 if native else torch.float32)
+    assert inference_dtype(_serving(test_cfg, dtype="float32"), "cpu") == torch.float32
+    lm_cfg = dataclasses.replace(test_cfg.model.language_model, dtype="float16")
+    half = dataclasses.replace(test_cfg, model=dataclasses.replace(test_cfg.model, language_model=lm_cfg))
+    assert inference_dtype(_serving(half, dtype="auto"), "cuda") == (torch.bfloat16 if native else torch.float16)

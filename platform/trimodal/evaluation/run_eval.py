@@ -33,7 +33,7 @@ def load_for_eval(run_dir: Path, vision_dim: int, num_patches: int, device: str 
     ([num_patches, vision_dim] per image)."""
     run = read_run(run_dir)
     cfg = read_run_config(run)
-    generator = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS)
+    generator = load_text_generator(cfg, run, device, max_prompt_tokens=EVAL_PROMPT_TOKENS, merge_adapter=True)
     projector, _ = load_projector(run, vision_dim, generator.lm.config.hidden_size,
                                   positions=cfg.model.projector_positions_for(num_patches))
     return generator, projector.to(device).eval(), cfg

@@ -35,6 +35,25 @@ def test_kv_cache_greedy_equals_full_reforward(tiny_lm):
         assert cached == reference
 
 
+def test_prefill_gives_the_last_positions_logits_in_bfloat16_too(tiny_lm):
+    """The prefill asks the LM for its last position by index; in bfloat16 as in float32 those are the logits of a
+    full forward's last position, for left-padded rows of different lengths."""
+    import copy
+
+    from trimodal.inference.generation import left_pad, prefill
+
+    for dtype in (torch.float32, torch.bfloat16):
+        lm = copy.deepcopy(tiny_lm[0]).to(dtype)
+        torch.manual_seed(0)
+        prompts = [torch.randn(n, lm.config.hidden_size, dtype=dtype) for n in (7, 3, 5)]
+        state = prefill(lm, prompts)
+        embeds, mask, positions = left_pad(prompts)
+        with torch.no_grad():
+            full = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits[:, -1]  # [B, V]
+        assert state.logits.shape == full.shape
+        torch.testing.assert_close(state.logits, full)
+
+
 def test_batched_left_padded_generation_equals_one_by_one(tiny_lm):
     lm, tok = tiny_lm
     gen = TextGenerator(lm, tok, image_end_id=3)

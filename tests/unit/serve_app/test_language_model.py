@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # serve_app and tests/support live at the repo root
 
@@ -174,3 +175,15 @@ def test_rows_of_different_runs_share_a_batch_and_each_answers_as_alone(test_cfg
     assert list(zip(texts, reasons)) == alone
     assert len({alone[0], alone[1], alone[2]}) == 3  # the control: base, one and two answer differently
     assert lm.stats()["adapters_loaded"] == 2
+
+
+def test_the_replica_runs_and_reports_servings_dtype(test_cfg):
+    """The test preset pins float32 (engine parity); bfloat16 asked is bfloat16 run and reported, not the LM's
+    configured training dtype."""
+    cfg = dataclasses.replace(test_cfg, serving=dataclasses.replace(test_cfg.serving, dtype="bfloat16"))
+    replica = LanguageModel(cfg, None)
+    assert replica.describe()["dtype"] == "bfloat16" and cfg.model.language_model.dtype == "float32"
+    assert next(replica.generator.lm.parameters()).dtype == torch.bfloat16
+    text, finish = _answer(asyncio.run(_collect(replica.generate(_request("What color is the square?", max_tokens=4)))))
+    assert finish in ("length", "stop")
+    assert LanguageModel(test_cfg, None).describe()["dtype"] == "float32"
