@@ -32,11 +32,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from trimodal.config import SpeechConfig, TrimodalConfig, config_from_dict
+from trimodal.hardware import native_bf16
 from trimodal.inference.engine import Engine, TextGenerator
 from trimodal.inference.messages import MediaLimits
 from trimodal.inference.requests import RunBundle, prompt_token_limit
 from trimodal.lru import Lru
-from trimodal.hardware import native_bf16
 from trimodal.models.language import DTYPES, image_end_id, load_language_model
 from trimodal.models.multimodal import ImageEncoder
 from trimodal.models.projector import Projector, build_projector
