@@ -1,7 +1,8 @@
 """The language-model engines in process, side by side: start-up, one request, and N requests at once.
 
 Each engine runs in its own environment and process: `builtin` in .venv (this interpreter), `vllm-float32` and
-`vllm-bfloat16` in .venv-vllm (make install-vllm). Every engine gets the same chat prompt (~110 tokens) and decodes
+`vllm-bfloat16` in .venv-vllm (make install-vllm). `builtin` runs in the preset's `serving.dtype` and
+`serving.attn_implementation`; `builtin-DTYPE` and `builtin-DTYPE-ATTN` (`builtin-float32-eager`) set them. Every engine gets the same chat prompt (~110 tokens) and decodes
 greedily to exactly --max-tokens new tokens (EOS is not a stop here), so the numbers compare like for like.
 
 Per engine: start-up seconds (loading, and vLLM's engine processes), then for 1 request and for --requests at once
@@ -9,6 +10,7 @@ the aggregate output tokens/s and the time to first token (p50 over the requests
 
     python bench/lm_engines.py --preset cpu --requests 8 --max-tokens 64
     python bench/lm_engines.py --preset test --engines builtin,vllm-float32 --max-tokens 16   # seconds: it works
+    python bench/lm_engines.py --preset cpu --engines builtin-float32-eager,builtin-float32,builtin-bfloat16
 """
 
 from __future__ import annotations
@@ -52,6 +54,16 @@ def _prompt_and_params(generator, max_tokens: int, count: int):
 
 def _summary(start: float, firsts: list[float], end: float, tokens: int) -> dict:
     return {"tok_s": tokens / (end - start), "ttft_p50_ms": 1000 * statistics.median(f - start for f in firsts)}
+
+
+def builtin_settings(cfg, engine: str) -> None:
+    """Set serving.dtype and serving.attn_implementation from a `builtin-DTYPE[-ATTN]` engine name."""
+    parts = engine.split("-")[1:]
+    if parts:
+        cfg.serving.dtype = parts[0]
+    if len(parts) > 1:
+        cfg.serving.attn_implementation = parts[1]
+    cfg.serving.validate("serving")
 
 
 def measure_builtin(cfg, max_tokens: int, count: int) -> dict:
@@ -108,7 +120,8 @@ def run_one(args: argparse.Namespace) -> None:
     from trimodal.config import load_config
 
     cfg = load_config(args.preset, OVERRIDES.get(args.preset, {}))
-    if args.one == "builtin":
+    if args.one.startswith("builtin"):
+        builtin_settings(cfg, args.one)
         result = measure_builtin(cfg, args.max_tokens, args.requests)
     else:
         result = asyncio.run(measure_vllm(cfg, args.one.split("-", 1)[1], args.max_tokens, args.requests))
@@ -121,7 +134,7 @@ def run_all(args: argparse.Namespace) -> None:
     env = {**os.environ, **NO_TELEMETRY_ENV, "PYTHONPATH": str(ROOT)}  # each engine's process: no usage statistics
     rows = []
     for engine in args.engines.split(","):
-        python = sys.executable if engine == "builtin" else str(VLLM_PYTHON)
+        python = sys.executable if engine.startswith("builtin") else str(VLLM_PYTHON)
         cmd = [python, __file__, "--one", engine, "--preset", args.preset, "--requests", str(args.requests),
                "--max-tokens", str(args.max_tokens)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

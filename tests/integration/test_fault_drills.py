@@ -88,11 +88,14 @@ def test_a_killed_lm_replica_is_503_while_serve_replaces_it_and_retrying_clients
         assert status == 503 and "LanguageModel" in body["not_ready"], phase.readyz_after_kill  # not ready...
         assert phase.ready_s is not None and phase.chat_s is not None  # ...until it is, and answers again
         assert phase.retry_after <= {"1"}
-    assert first.failures["503"] >= 1 and "1" in first.retry_after, first.failures  # the kill was seen: 503s
-    assert set(first.failures) == {"503"}, first.failures  # never a 500
-    # Phase 2's clients retry for a budget scaled from phase 1's replacement time: they met the kill's 503s, and
-    # every request still succeeded, however slow the machine.
-    assert second.retry_budget_s >= first.chat_s and second.attempts["503"] >= 1 and second.retried >= 1
+    assert set(first.failures) <= {"503"}, first.failures  # never a 500
+    # The kill reaches clients as 503s with Retry-After in one phase at least. Either phase may see none of its
+    # requests fail: Serve holds a request that had not reached the replica until the replacement answers it.
+    assert first.failures["503"] + second.attempts["503"] >= 1, (first.failures, second.attempts)
+    assert "1" in first.retry_after | second.retry_after
+    # Phase 2's clients retry a 503 for a budget scaled from phase 1's replacement time: every request succeeded,
+    # however slow the machine.
+    assert second.retry_budget_s >= first.chat_s
     assert second.sent > 0 and second.ok == second.sent and not second.failures
 
 
