@@ -2,8 +2,9 @@
 
 Each engine runs in its own environment and process: `builtin` in .venv (this interpreter), `vllm-float32` and
 `vllm-bfloat16` in .venv-vllm (make install-vllm). `builtin` runs in the preset's `serving.dtype` and
-`serving.attn_implementation`; `builtin-DTYPE` and `builtin-DTYPE-ATTN` (`builtin-float32-eager`) set them. Every engine gets the same chat prompt (~110 tokens) and decodes
-greedily to exactly --max-tokens new tokens (EOS is not a stop here), so the numbers compare like for like.
+`serving.attn_implementation`; `builtin-DTYPE` and `builtin-DTYPE-ATTN` (`builtin-float32-eager`) set them. Every
+engine gets the same chat prompt (~110 tokens) and decodes greedily to exactly --max-tokens new tokens (EOS is not
+a stop here), so the numbers compare like for like.
 
 Per engine: start-up seconds (loading, and vLLM's engine processes), then for 1 request and for --requests at once
 the aggregate output tokens/s and the time to first token (p50 over the requests).

@@ -184,6 +184,6 @@ def test_the_replica_runs_and_reports_servings_dtype(test_cfg):
     replica = LanguageModel(cfg, None)
     assert replica.describe()["dtype"] == "bfloat16" and cfg.model.language_model.dtype == "float32"
     assert next(replica.generator.lm.parameters()).dtype == torch.bfloat16
-    text, finish = _answer(asyncio.run(_collect(replica.generate(_request("What color is the square?", max_tokens=4)))))
-    assert finish in ("length", "stop")
+    items = asyncio.run(_collect(replica.generate(_request("What color is the square?", max_tokens=4))))
+    assert _answer(items)[1] in ("length", "stop")
     assert LanguageModel(test_cfg, None).describe()["dtype"] == "float32"
