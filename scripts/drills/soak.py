@@ -101,6 +101,10 @@ class Window:
     replicas: list[ReplicaSample]
     restarts: int
     """Replica processes gone or started since the traffic began, cumulative."""
+    kinds: dict[str, int] = field(default_factory=dict)
+    """Requests by kind in MIX, whatever their status."""
+    answered: dict[str, int] = field(default_factory=dict)
+    """200 answers by kind in MIX."""
 
 
 @dataclass
@@ -331,7 +335,8 @@ def summarize(index: int, records: list[Record], replicas: list[ReplicaSample], 
     return Window(index, round(end_s, 1), len(records), dict(Counter(r.status for r in records)),
                   _round(percentile(latencies, 0.5)), _round(percentile(latencies, 0.95)),
                   _round(percentile(ttfts, 0.5)), _round(percentile(ttfts, 0.95)),
-                  sum(not r.parsed for r in records), replicas, restarts)
+                  sum(not r.parsed for r in records), replicas, restarts, dict(Counter(r.kind for r in records)),
+                  dict(Counter(r.kind for r in records if r.status == "200")))
 
 
 def _round(value: float | None) -> float | None:
