@@ -153,7 +153,27 @@ def start_local_ray() -> None:
     from ray._private import ray_constants
 
     ray_constants.ENABLE_RAY_CLUSTER = False
-    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
+    ray.init(address="local", _node_ip_address="127.0.0.1", include_dashboard=False,
+             runtime_env={"worker_process_setup_hook": "trimodal.cli.quiet_placement_group_cleaner"})
+
+
+PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup of the local Ray: Ray Train's placement-group cleaner logs errors only, and asks this Ray.
+
+    The cleaner asks the dashboard's state API once a second whether the training controller still lives, and warns
+    each time it cannot; a local Ray runs no dashboard, so every stage would print a warning a second. Its job, freeing
+    the placement group of a controller that died, is done here by the local Ray ending with the job's process."""
+    import logging
+
+    import ray
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # The state API finds its cluster from RAY_ADDRESS, else by looking for every Ray on the machine, and fails when
+    # it finds several (another job's local Ray, a demo's head): a worker names its own, as a submitted job's do.
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def on_gpu_node(job: Callable[[], T], num_gpus: float, accelerator_type: str | None = None) -> T:
