@@ -1,7 +1,8 @@
 """Training-step benchmark: stage-0, stage-1 and stage-2 step times of a preset, under the settings that change them.
 
 Stage 0 (the tiny CLIP) is timed on batches of the preset's size (64 random-pixel images with shapes-set
-captions and their phrases), in float32 and under bf16 autocast. For stages 1 and 2 each row builds the stage's
+captions and their phrases): sdpa attention in float32, then under bf16 autocast, then with the plain-matmul
+attention kernel (`model.vision.stage0_attn: eager`) under bf16 autocast. For stages 1 and 2 each row builds the stage's
 real model and times optimizer steps on batches shaped like the shapes set's (8 rows of different lengths; stage 1:
 49 image positions + up to 28 caption tokens, stage 2: 49 + up to 92 conversation tokens; random image features,
 answers as targets where the set's answers sit: `make_batch`). Rows add one change at a time:
@@ -71,8 +72,9 @@ def make_batch(stage: int, vision_dim: int, vocab: int, seed: int) -> Batch:
     return Batch(ids, mask, labels, features)
 
 
-def time_stage0(cfg: TrimodalConfig, autocast: bool, steps: int) -> float:
-    """Median seconds per stage-0 optimizer step (after one warm-up step), phrase grounding as the preset says."""
+def time_stage0(cfg: TrimodalConfig, autocast: bool, attn: str, steps: int) -> float:
+    """Median seconds per stage-0 optimizer step (after one warm-up step), phrase grounding as the preset says,
+    both towers' attention through `attn` ("sdpa" or "eager")."""
     from trimodal.data.shapes.samples import sample_image
     from trimodal.models.vision import build_random_clip
     from trimodal.training.clip import ClipCollator, build_caption_tokenizer, contrastive_loss
@@ -82,6 +84,7 @@ def time_stage0(cfg: TrimodalConfig, autocast: bool, steps: int) -> float:
     captions = [list(sample_image(0, "train", i).captions) for i in range(stage.batch_size)]
     tokenizer = build_caption_tokenizer([c for cs in captions for c in cs])
     model = build_random_clip(vision.random_shape, vision.image_size, len(tokenizer))
+    model.set_attn_implementation(attn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     collate = ClipCollator(tokenizer, seed=0, phrases=vision.stage0_phrases)
@@ -157,11 +160,12 @@ def main() -> None:
           "|---|---|---|---|---|---|---|")
     stages = {int(s) for s in args.stages.split(",")}
     if 0 in stages:
-        fp32 = time_stage0(base, False, args.steps)
-        print(f"| 0 | fp32 | {base.stage0.batch_size} images | {fp32:.2f} | | 1.00 | |", flush=True)
-        bf16 = time_stage0(base, True, args.steps)
-        print(f"| 0 | + bf16 autocast | {base.stage0.batch_size} images | {bf16:.2f} | | {bf16 / fp32:.2f} | |",
-              flush=True)
+        images = f"{base.stage0.batch_size} images"
+        fp32 = time_stage0(base, False, "sdpa", args.steps)
+        print(f"| 0 | sdpa fp32 | {images} | {fp32:.2f} | | 1.00 | |", flush=True)
+        for name, autocast, attn in (("+ bf16 autocast", True, "sdpa"), ("+ eager", True, "eager")):
+            seconds = time_stage0(base, autocast, attn, args.steps)
+            print(f"| 0 | {name} | {images} | {seconds:.2f} | | {seconds / fp32:.2f} | |", flush=True)
     for stage in sorted(stages - {0}):
         first = None
         for name, eager, autocast, dropout, extra in rows[stage]:

@@ -132,11 +132,14 @@ class VisionConfig:
     """Stage 0's image embedding: "cls" (CLIP's CLS token) or "mean" (the mean of the patch tokens the LM reads)."""
     stage0_phrases: bool = False
     """Stage 0 also grounds each caption phrase in the patch tokens it attends to (binds colour to shape)."""
+    stage0_attn: str = "sdpa"
+    """Attention kernel stage 0 trains both towers with ("sdpa" or "eager"); the saved tower does not keep it."""
 
     def validate(self, path: str) -> None:
         self.source.validate(f"{path}.source")
         _check_range(f"{path}.image_size", self.image_size, 32)
         _check_choice(f"{path}.stage0_pool", self.stage0_pool, ("cls", "mean"))
+        _check_choice(f"{path}.stage0_attn", self.stage0_attn, ("sdpa", "eager"))
 
 
 @dataclass

@@ -250,9 +250,9 @@ zero-shot accuracy on its 30 images, stage seed and tower seed 0-4, rose by 0.17
 0.33-0.43 (mean + phrases, 2 workers) over the random start's 0.00-0.07."""
 
 
-@pytest.mark.parametrize("pool,phrases,workers", [("cls", False, 1), ("mean", True, 2)])
+@pytest.mark.parametrize("pool,phrases,workers,attn", [("cls", False, 1, "sdpa"), ("mean", True, 2, "eager")])
 def test_stage0_beats_the_same_seed_random_tower_and_loads_as_clip_vision_model(ray_local, shapes, tmp_path, pool,
-                                                                                  phrases, workers):
+                                                                                  phrases, workers, attn):
     from transformers import CLIPModel, CLIPVisionModel, PreTrainedTokenizerFast
 
     from trimodal.models.vision import build_random_clip
@@ -261,10 +261,10 @@ def test_stage0_beats_the_same_seed_random_tower_and_loads_as_clip_vision_model(
     cfg = load_config("test", {"stage0.steps": STAGE0_STEPS, "stage0.lr": 3e-3, "stage0.batch_size": 24 // workers,
                                "stage0.checkpoint_every": STAGE0_STEPS, "stage0.log_every": STAGE0_STEPS,
                                "stage0.num_workers": workers, "model.vision.stage0_pool": pool,
-                               "model.vision.stage0_phrases": phrases})
+                               "model.vision.stage0_phrases": phrases, "model.vision.stage0_attn": attn})
     tower_dir = run_stage0(cfg, shapes, tmp_path)
     meta = json.loads((tower_dir / "stage0.json").read_text())
-    assert (meta["pool"], meta["phrases"], meta["held_out_images"]) == (pool, phrases, 6)
+    assert (meta["pool"], meta["phrases"], meta["attn"], meta["held_out_images"]) == (pool, phrases, attn, 6)
     vision = cfg.model.vision
     tokenizer = PreTrainedTokenizerFast.from_pretrained(tower_dir)
     trained = CLIPModel.from_pretrained(tower_dir, use_safetensors=True)
@@ -276,6 +276,7 @@ def test_stage0_beats_the_same_seed_random_tower_and_loads_as_clip_vision_model(
     theirs = zero_shot_accuracy(untrained, tokenizer, tiny_set, vision.image_size, pool)
     assert ours > theirs, f"stage 0 ({ours:.3f}) did not beat its random start ({theirs:.3f}) on the tiny set"
     tower = CLIPVisionModel.from_pretrained(tower_dir, use_safetensors=True)
+    assert tower.config._attn_implementation == "sdpa"  # the training kernel is not saved with the tower
     pixels = torch.randn(2, 3, 64, 64)
     assert tower(pixel_values=pixels).last_hidden_state.shape == (2, 17, 32)
     assert not torch.equal(tower.get_input_embeddings().weight,  # the patch embedding trained too

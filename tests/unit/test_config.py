@@ -35,6 +35,8 @@ def test_bad_value_names_field_and_allowed_values():
         load_config("cpu", ["model.language_model.attn_implementation=flash"])
     with pytest.raises(ConfigError, match=r"model\.vision\.stage0_pool: 'max' is not one of cls, mean"):
         load_config("cpu", ["model.vision.stage0_pool=max"])
+    with pytest.raises(ConfigError, match=r"model\.vision\.stage0_attn: 'flash' is not one of sdpa, eager"):
+        load_config("cpu", ["model.vision.stage0_attn=flash"])
 
 
 def test_wrong_type_and_unknown_field():

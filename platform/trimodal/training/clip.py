@@ -191,6 +191,7 @@ def clip_train_loop(config: dict) -> None:
     rank = start_worker(stage)
     tokenizer = PreTrainedTokenizerFast.from_pretrained(config["tokenizer_dir"])
     model = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
+    model.set_attn_implementation(cfg.model.vision.stage0_attn)
     optimizer = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage))
     state = TrainState()
@@ -293,6 +294,7 @@ def run_stage0(cfg: TrimodalConfig, coco_root: Path, out_dir: Path, resume: bool
                                                            "random_baseline": baseline, "steps": cfg.stage0.steps,
                                                            "pool": vision.stage0_pool,
                                                            "phrases": vision.stage0_phrases,
+                                                           "attn": vision.stage0_attn,
                                                            "held_out_images": len(val_rows)})
 
 

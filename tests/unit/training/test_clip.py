@@ -131,3 +131,26 @@ def test_contrastive_loss_adds_the_phrase_term_when_the_batch_has_phrases():
             expected = (contrastive_loss(clip, captions_only, pool)
                         + phrase_grounding_loss(clip, hidden, out.text_embeds[4:], phrases))
             assert torch.allclose(contrastive_loss(clip, with_phrases, pool), expected, atol=1e-5)
+
+
+def test_the_eager_attention_kernel_gives_stage_0_the_same_loss_and_gradients_as_sdpa():
+    """`model.vision.stage0_attn` changes how fast stage 0 runs, not what it trains: padded captions and phrases,
+    both towers, float32."""
+    cfg = load_config("test")
+    tokenizer = build_caption_tokenizer(["a red circle and a blue square", "a green triangle"])
+    batch = ClipCollator(tokenizer, seed=0, phrases=True)(
+        {"captions": [json.dumps(["a red circle and a blue square"]), json.dumps(["a green triangle"])] * 2,
+         "pixels": np.random.default_rng(0).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)})
+    assert (batch["attention_mask"] == 0).any()  # some rows are padded, so the kernels' masking is compared too
+    results = {}
+    for attn in ("sdpa", "eager"):
+        clip = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
+        clip.set_attn_implementation(attn)
+        loss = contrastive_loss(clip, batch, "cls")
+        loss.backward()
+        results[attn] = (loss.detach(), {n: p.grad for n, p in clip.named_parameters() if p.grad is not None})
+    (sdpa_loss, sdpa_grads), (eager_loss, eager_grads) = results["sdpa"], results["eager"]
+    assert torch.allclose(sdpa_loss, eager_loss, atol=1e-5)
+    assert sdpa_grads.keys() == eager_grads.keys() and len(sdpa_grads) > 0
+    for name, grad in sdpa_grads.items():
+        assert torch.allclose(grad, eager_grads[name], atol=1e-5, rtol=1e-4), name
