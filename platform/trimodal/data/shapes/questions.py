@@ -15,6 +15,9 @@ from trimodal.data.shapes.vocabulary import ANSWERS, CAPTION_TEMPLATES, COLORS, 
 CAPTIONS_PER_IMAGE = 3
 SIDE_MIN_DX = 40
 """Left/right questions are asked only when the two centres' x differ by at least this many px."""
+EXISTS_SPARE_DRAW = 4
+"""A yes/no question draws one integer below this from the wording stream and uses none of it: the shapes set's
+questions drawn after it (left/right), and so its held-out questions, are the ones that every earlier set had."""
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,27 @@ def _exists_question(rng: np.random.Generator, held_out: float, objects: Sequenc
             options = [(c, shape) for c in COLORS if (c, shape) not in present]
         color, shape = options[int(rng.integers(len(options)))]
     item = ShapeObject(color, shape, 0, 0, 0).phrase()
-    answer = _pick(rng, ANSWERS["yes" if yes else "no"]).format(item=item, color=color, shape=shape)
+    rng.integers(EXISTS_SPARE_DRAW)
+    answer = exists_answer(objects, shape, yes)
     return Question("exists", template.format(item=item), answer, "yes" if yes else "no", phrasing_set)
+
+
+def exists_answer(objects: Sequence[ShapeObject], shape: str, yes: bool) -> str:
+    """'I see a circle and a triangle. The triangle is blue, so no.': the drawn shapes by name, left to right, then
+    the asked shape's colours (or that none is drawn), then the verdict.
+
+    Each step compares one word with text the answer has already said, a check stage 2 does learn; a verdict first
+    must decide presence and binding in its first token, and a lookup first ("The triangle is ...") copies the
+    question's colour when the asked shape is not drawn (docs/training.md, "Binding")."""
+    named = " and ".join(f"a {o.shape}" for o in objects)  # "a circle and a circle": named one by one, as drawn
+    colors = [o.color for o in objects if o.shape == shape]
+    if not colors:
+        lookup = f"There is no {shape}"
+    elif len(colors) == 1:
+        lookup = f"The {shape} is {colors[0]}"
+    else:
+        lookup = f"The {shape}s are {' and '.join(colors)}"
+    return f"I see {named}. {lookup}, so {'yes' if yes else 'no'}."
 
 
 def _side_question(rng: np.random.Generator, held_out: float, objects: Sequence[ShapeObject]) -> Question:

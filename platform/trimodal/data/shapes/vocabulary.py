@@ -76,13 +76,11 @@ ANSWERS: dict[str, tuple[str, ...]] = {
               "The image shows {n} {shapes}."),
     "describe": ("{Caption}.", "The image shows {caption}.", "I see {caption}.", "It shows {caption}.",
                  "This is a picture of {caption}."),
-    "yes": ("Yes, there is {item}.", "Yes.", "Yes, I can see {item}.", "Yes, the image shows {item}."),
-    "no": ("No, there is no {color} {shape}.", "No.", "No, I cannot see {item}.",
-           "No, the image shows no {color} {shape}."),
     "side": ("The {side} shape is {color}.", "It is {color}.", "{Color}.", "The shape on the {side} is {color}.",
              "The {side} one is {color}.", "It is the {color} {shape}."),
 }
-"""Answer wordings: `yes` / `no` answer `exists`; each names the expected colour, shape or number and no other."""
+"""Answer wordings; each names the expected colour, shape or number and no other. `exists` answers have one form
+(`questions.exists_answer`)."""
 NUMBER_WORDS: dict[int, str] = {1: "one", 2: "two", 3: "three", 4: "four"}
 CAPTION_TEMPLATES: tuple[str, ...] = (
     "{} on a light background",
