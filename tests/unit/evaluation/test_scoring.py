@@ -53,6 +53,8 @@ RIGHT = [
     ("exists", "Yes.", "Yes, there is a red circle."),
     ("exists", "No, there is no blue square.", "No."),
     ("exists", "no", "No, I cannot see a blue square."),
+    ("exists", "I see a circle. There is no square, so no.", "I see a square. The square is green, so no."),
+    ("exists", "I see a circle and a square. The square is red, so yes.", "Yes."),
 ]
 
 WRONG_BUT_LENIENTLY_RIGHT = [  # right for the lenient scorer, wrong for the strict one
@@ -72,6 +74,7 @@ WRONG_BUT_LENIENTLY_RIGHT = [  # right for the lenient scorer, wrong for the str
     ("side", "red or blue", "The left shape is red."),
     ("side", "The left shape is blue, the right one is red.", "The left shape is red."),
     ("exists", "Yes, or no.", "Yes, there is a red circle."),
+    ("exists", "I see a circle. There is no square, so yes.", "I see a square. The square is red, so yes."),
 ]
 
 WRONG_BOTH = [
@@ -88,6 +91,7 @@ WRONG_BOTH = [
     ("side", "It is green.", "The shape on the right is red."),
     ("exists", "Yes, there is a red circle.", "No, there is no red circle."),
     ("exists", "There is a red circle.", "Yes, there is a red circle."),  # no yes or no: not an answer
+    ("exists", "I see a circle. The circle is red, so yes.", "I see a circle. There is no square, so no."),
 ]
 
 
@@ -172,24 +176,21 @@ def test_every_wording_of_every_type_is_typed_and_its_phrasing_set_known(qtype):
                 assert phrasing_of(text) == (qtype, phrasing_set), text
 
 
-ANSWER_CASES = {  # ANSWERS key -> (words to fill its templates with, a reference answer)
+ANSWER_CASES = {  # question type -> (words to fill its ANSWERS templates with, a reference answer)
     "color": ({"Thing": "The circle", "color": "red", "Color": "Red"}, "The circle is red."),
     "shape": ({"Thing": "The red object", "shape": "circle"}, "It is a circle."),
     "count": ({"is": "are", "n": "two", "N": "Two", "shapes": "shapes", "objects": "objects"},
               "There are two shapes."),
     "describe": ({"caption": "a red circle and a blue square", "Caption": "A red circle and a blue square"},
                  "A red circle and a blue square."),
-    "yes": ({"item": "a red circle", "color": "red", "shape": "circle"}, "Yes, there is a red circle."),
-    "no": ({"item": "a red circle", "color": "red", "shape": "circle"}, "No, there is no red circle."),
     "side": ({"side": "left", "color": "red", "Color": "Red", "shape": "circle"}, "The left shape is red."),
 }
 
 
-@pytest.mark.parametrize("kind", list(ANSWERS))
-def test_every_answer_wording_scores_right_and_listing_every_colour_scores_wrong(kind):
-    words, reference = ANSWER_CASES[kind]
-    qtype = {"yes": "exists", "no": "exists"}.get(kind, kind)
-    for template in ANSWERS[kind]:
+@pytest.mark.parametrize("qtype", list(ANSWERS))
+def test_every_answer_wording_scores_right_and_listing_every_colour_scores_wrong(qtype):
+    words, reference = ANSWER_CASES[qtype]
+    for template in ANSWERS[qtype]:
         assert answer_correct(qtype, template.format(**words), reference) is True, template
     if qtype in ("color", "side"):
         assert answer_correct(qtype, "It is " + ", ".join(COLORS) + ".", reference) is False
