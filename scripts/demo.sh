@@ -103,11 +103,12 @@ step "2/10 local Ray head (token auth, 127.0.0.1)" "" start_head
 step "3/10 synthetic shapes set" "" \
   python jobs/make_shapes.py --out "$RUNS/shapes" --train "$SHAPES_TRAIN" --val "$SHAPES_VAL" --seed "$SHAPES_SEED"
 demo_jobs
-step "8/10 evaluate on held-out images" "$RUNS/finetune/eval.json" \
-  python jobs/evaluate.py --run "$RUNS/finetune" --data "$RUNS/data"
-step "9/10 serve run serve_app:graph (background)" "" serve_up
-step "10/10 ask over HTTP with the openai client" "" \
+# The trained model answers first; the held-out table, minutes of decoding, follows while the server stays up.
+step "8/10 serve run serve_app:graph (background)" "" serve_up
+step "9/10 ask over HTTP with the openai client" "" \
   python scripts/demo_client.py --base-url "$URL/v1" --shapes "$RUNS/shapes" --audio assets/what_color.wav
+step "10/10 evaluate on held-out images" "$RUNS/finetune/eval.json" \
+  python jobs/evaluate.py --run "$RUNS/finetune" --data "$RUNS/data"
 
 cat <<MSG
 
