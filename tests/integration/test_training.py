@@ -247,7 +247,7 @@ def _unscored(lines: list[str]) -> int:
 STAGE0_STEPS = 80
 """Stage-0 steps (lr 3e-3, 24 images per step) that beat the same-seed random tower on the tiny set robustly:
 zero-shot accuracy on its 30 images, stage seed and tower seed 0-4, rose by 0.17-0.63 (cls, 1 worker) and
-0.33-0.43 (mean + phrases, 2 workers) over the random start's 0.00-0.07."""
+0.30-0.63 (mean + phrases, 2 workers contrasting each other's rows) over the random start's 0.00-0.07."""
 
 
 @pytest.mark.parametrize("pool,phrases,workers,attn", [("cls", False, 1, "sdpa"), ("mean", True, 2, "eager")])

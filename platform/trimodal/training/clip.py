@@ -15,6 +15,8 @@ import numpy as np
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file
@@ -132,38 +134,50 @@ def contrastive_loss(model: CLIPModel, batch: dict, pool: str = "cls") -> torch.
     """Symmetric InfoNCE where identical captions in a batch count as positives of each other, plus the
     phrase-grounding term (`phrase_grounding_loss`) when the batch carries phrases.
 
-    `model` may be DDP-wrapped; the one forward goes through the wrapper so gradients are synchronised.
+    `model` may be DDP-wrapped; the one forward goes through the wrapper so gradients are synchronised. With several
+    workers every image is contrasted with every worker's captions (`gather_rows`), so W workers of B rows train on
+    the loss of one batch of W*B rows, as CLIP trains across GPUs.
     """
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 pixel_values=batch["pixel_values"])
     clip = getattr(model, "module", model)
-    texts = batch["texts"]
-    captions, phrases = out.text_embeds[:len(texts)], out.text_embeds[len(texts):]  # [B, P], [K, P] normalised
+    local = len(batch["texts"])
+    workers = gather_objects([batch["texts"], batch.get("phrases", [])])  # per worker: its captions and phrases
+    counts = [len(texts) for texts, _ in workers]
+    texts = [t for worker_texts, _ in workers for t in worker_texts]
+    captions = gather_rows(out.text_embeds[:local], counts)  # [B, P] normalised -> [W*B, P]
+    phrases = out.text_embeds[local:]  # [K, P] normalised
     image = F.normalize(pooled_image_embeds(clip, out.vision_model_output.last_hidden_state, pool), dim=-1)  # [B, P]
-    logits = clip.logit_scale.exp() * image @ captions.t()  # [B, B]
+    image = gather_rows(image, counts)  # [B, P] -> [W*B, P]
+    logits = clip.logit_scale.exp() * image @ captions.t()  # [W*B, W*B]
     same = torch.tensor([[a == b for b in texts] for a in texts], dtype=torch.float32, device=logits.device)
     loss = _symmetric_cross_entropy(logits, same)
-    if len(phrases):
+    if any(ps for _, worker_phrases in workers for ps in worker_phrases):
         loss = loss + phrase_grounding_loss(clip, out.vision_model_output.last_hidden_state, phrases,
-                                            batch["phrases"])
+                                            batch["phrases"], [worker_phrases for _, worker_phrases in workers])
     return loss
 
 
 def phrase_grounding_loss(clip: CLIPModel, vision_hidden: torch.Tensor, phrase_embeds: torch.Tensor,
-                          phrases: list[list[str]]) -> torch.Tensor:
+                          phrases: list[list[str]], workers: list[list[list[str]]] | None = None) -> torch.Tensor:
     """Each caption phrase attends over an image's patch tokens; the attention-pooled patches must match the
     phrase (image <-> phrase InfoNCE over the batch; a phrase is positive for every image whose caption has it).
 
     The phrase "a yellow circle" can only pick out and match the yellow circle's patches if those patches say
     "circle" too, so every object's patch tokens learn its colour and its shape: what the LM needs to tell which
     colour belongs to which shape. vision_hidden [B, 1 + N, D]; phrase_embeds [K, P] normalised, in the order
-    of the flattened `phrases` (per image).
+    of the flattened `phrases` (per image). With several workers the InfoNCE runs over all workers' images and
+    phrases, as `contrastive_loss` does; `workers` holds every worker's `phrases` (`gather_objects`).
     """
-    flat = [p for ps in phrases for p in ps]
-    if len(flat) != len(phrase_embeds):
-        raise ValueError(f"{len(phrase_embeds)} phrase embeddings for {len(flat)} phrases")
+    local = [p for ps in phrases for p in ps]
+    if len(local) != len(phrase_embeds):
+        raise ValueError(f"{len(phrase_embeds)} phrase embeddings for {len(local)} phrases")
     patches = clip.visual_projection(clip.vision_model.post_layernorm(vision_hidden[:, 1:]))  # [B, N, P]
-    patches = F.normalize(patches, dim=-1)
+    workers = workers or [phrases]
+    patches = gather_rows(F.normalize(patches, dim=-1), [len(w) for w in workers])  # [B, N, P] -> [W*B, N, P]
+    phrase_embeds = gather_rows(phrase_embeds, [sum(map(len, w)) for w in workers])  # [K, P] -> [sum of K, P]
+    phrases = [ps for w in workers for ps in w]
+    flat = [p for ps in phrases for p in ps]
     attention = torch.softmax(PHRASE_ATTENTION_SCALE * torch.einsum("bnp,kp->bkn", patches, phrase_embeds), -1)
     pooled = F.normalize(torch.einsum("bkn,bnp->bkp", attention, patches), dim=-1)  # [B, K, P]
     logits = clip.logit_scale.exp() * (pooled * phrase_embeds[None]).sum(-1)  # [B, K]
@@ -171,6 +185,34 @@ def phrase_grounding_loss(clip: CLIPModel, vision_hidden: torch.Tensor, phrase_e
     has = torch.tensor([[p in own for p in flat] for own in owned], dtype=torch.float32, device=logits.device)
     return _symmetric_cross_entropy(logits, has)
 
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def gather_rows(local: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Every worker's rows in rank order, [R, ...] -> [sum of counts, ...]; worker i holds counts[i] rows.
+
+    Each worker's own rows keep their autograd graph: the gather's backward sums the gradients every worker computes
+    for them, W times the gradient of the one global loss, and DDP's mean over W workers then gives every weight the
+    gradient a single worker would compute on all the rows. Without a process group of several workers: `local`.
+    """
+    if not _distributed():
+        return local
+    longest = max(counts)
+    padded = F.pad(local, (0, 0) * (local.dim() - 1) + (0, longest - len(local)))  # [R, ...] -> [longest, ...]
+    parts = dist_fn.all_gather(padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(parts, counts)])
+
+
+def gather_objects(local: list) -> list[list]:
+    """Every worker's list in rank order (the captions and phrases the gathered rows belong to): [local] alone
+    without a process group of several workers."""
+    if not _distributed():
+        return [local]
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return parts
 
 def _symmetric_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean of row-wise and column-wise cross-entropy of logits [R, C] against 0/1 positives spread uniformly."""

@@ -1,5 +1,5 @@
-"""Stage 0's losses: the image pooling (CLIP's CLS token, or the mean of the patch tokens the LM receives) and the
-phrase-grounding term."""
+"""Stage 0's losses: the image pooling (CLIP's CLS token, or the mean of the patch tokens the LM receives), the
+phrase-grounding term, and both over several workers."""
 
 import json
 
@@ -18,6 +18,7 @@ from trimodal.training.clip import (
     phrase_grounding_loss,
     pooled_image_embeds,
 )
+from trimodal.training.process_group import loopback_interface
 
 
 def _clip_and_batch():
@@ -154,3 +155,61 @@ def test_the_eager_attention_kernel_gives_stage_0_the_same_loss_and_gradients_as
     assert sdpa_grads.keys() == eager_grads.keys() and len(sdpa_grads) > 0
     for name, grad in sdpa_grads.items():
         assert torch.allclose(grad, eager_grads[name], atol=1e-5, rtol=1e-4), name
+
+
+def _two_worker_gradients(rank: int, store: str, out: str) -> None:
+    """A spawned worker: half the batch through DDP over Gloo on loopback; rank 0 saves loss and gradients."""
+    import os
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback_interface()
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        clip, batch = _phrase_batch()
+        halves = ([0, 1, 2], [3, 4]) if rank == 0 else ([3, 4], [0, 1, 2])
+        model = DistributedDataParallel(clip)
+        loss = contrastive_loss(model, _rows(batch, halves[0]), "cls")
+        loss.backward()
+        if rank == 0:
+            torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in clip.named_parameters()}}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def _phrase_batch():
+    """A tiny CLIP and five images whose captions share phrases (rows 0 and 4 have the same caption)."""
+    cfg = load_config("test")
+    captions = ["a red circle and a blue square", "a green triangle", "a blue square",
+                "a red circle and a green triangle", "a red circle and a blue square"]
+    tokenizer = build_caption_tokenizer(captions)
+    torch.manual_seed(0)
+    clip = build_random_clip(cfg.model.vision.random_shape, cfg.model.vision.image_size, len(tokenizer))
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 64, 64, 3), dtype=np.uint8)
+    return clip, {"captions": [json.dumps([c]) for c in captions], "pixels": pixels, "tokenizer": tokenizer}
+
+
+def _rows(batch: dict, rows: list[int]) -> dict:
+    picked = {"captions": [batch["captions"][i] for i in rows], "pixels": batch["pixels"][rows]}
+    return ClipCollator(batch["tokenizer"], seed=0, phrases=True)(picked)
+
+
+def test_two_workers_train_on_the_loss_of_their_whole_batch(tmp_path):
+    """Two DDP workers holding 3 and 2 of 5 images get the loss and the gradients of one worker holding all 5:
+    every image is contrasted with both workers' captions and phrases, not only its own worker's."""
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pt"
+    mp.start_processes(_two_worker_gradients, args=(str(tmp_path / "store"), str(out)), nprocs=2,
+                       start_method="spawn")
+    two = torch.load(out)
+    clip, batch = _phrase_batch()
+    whole = _rows(batch, [0, 1, 2, 3, 4])
+    loss = contrastive_loss(clip, whole, "cls")
+    loss.backward()
+    assert torch.allclose(two["loss"], loss.detach(), atol=1e-5)
+    local_only = contrastive_loss(clip, _rows(batch, [0, 1, 2]), "cls")
+    assert not torch.allclose(two["loss"], local_only.detach(), atol=1e-3)  # the gathered loss is not rank 0's own
+    for name, param in clip.named_parameters():
+        assert torch.allclose(two["grads"][name], param.grad, atol=1e-5, rtol=1e-4), name
