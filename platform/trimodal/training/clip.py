@@ -214,6 +214,7 @@ def gather_objects(local: list) -> list[list]:
     dist.all_gather_object(parts, local)
     return parts
 
+
 def _symmetric_cross_entropy(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
     """Mean of row-wise and column-wise cross-entropy of logits [R, C] against 0/1 positives spread uniformly."""
     rows = positives / positives.sum(1, keepdim=True)

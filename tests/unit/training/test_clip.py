@@ -168,9 +168,8 @@ def _two_worker_gradients(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     try:
         clip, batch = _phrase_batch()
-        halves = ([0, 1, 2], [3, 4]) if rank == 0 else ([3, 4], [0, 1, 2])
         model = DistributedDataParallel(clip)
-        loss = contrastive_loss(model, _rows(batch, halves[0]), "cls")
+        loss = contrastive_loss(model, _rows(batch, [0, 1, 2] if rank == 0 else [3, 4]), "cls")
         loss.backward()
         if rank == 0:
             torch.save({"loss": loss.detach(), "grads": {n: p.grad for n, p in clip.named_parameters()}}, out)
